@@ -66,6 +66,17 @@ def default_spec(name: str) -> OpSpec:
     return canonical_spec(OpSpec(family=name, **cls.defaults))
 
 
+def default_spec_dict(name) -> dict:
+    """Registry defaults of a family as a dict, so a genome file may list only the fields it changes.
+
+    An unknown name gives {} and is reported by validation, which names the field.
+    """
+    _ensure_loaded()
+    if name not in FAMILIES:
+        return {}
+    return {k: v for k, v in FAMILIES[name].defaults.items()}
+
+
 # -- specs: canonical form, validation, repair --------------------------------------------------------------------
 def canonical_spec(spec: OpSpec) -> OpSpec:
     """Reset the fields a family ignores to the global defaults, so equal operators have equal specs."""
