@@ -1,0 +1,86 @@
+"""`factory profiles pack|import|list`: measuring on a board through a probe pack, and the measurement store."""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+from rich.table import Table
+
+from factory.cli.common import console, emit_json
+
+app = typer.Typer(help="Probe packs for boards, their results, and the measurement store.", no_args_is_help=True)
+
+
+@app.command("pack")
+def pack_command(
+    export_dirs: List[str] = typer.Argument(..., help="Export folders (each holds manifest.json)."),
+    target: str = typer.Option(..., "--target", "-t", help="A built-in target name or a path to a .toml file."),
+    out: str = typer.Option(..., "--out", "-o", help="The pack folder to create."),
+    variant: str = typer.Option(None, "--variant", help="Variant to pack for every export (default: the target's)."),
+    repeats: int = typer.Option(20, "--repeats", min=1, help="Timed prefill runs the runner makes (decode: 5x)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Make a self-contained probe pack: candidates, target settings and runner.py."""
+    from profiles.pack import make_pack
+
+    pack = make_pack(export_dirs, target, out, variant=variant, repeats=repeats, force=force)
+    if as_json:
+        emit_json({"pack_dir": out, **pack})
+        return
+    console.print(f"wrote {out}: {len(pack['candidates'])} candidates for {pack['target']['name']}")
+    console.print(f"on the device: python3 runner.py . --out results.json   (inside {out})")
+    console.print(f"then: factory profiles import results.json --target {pack['target']['name']}")
+
+
+@app.command("import")
+def import_command(
+    results: str = typer.Argument(..., help="A results JSON written by runner.py."),
+    target: str = typer.Option(..., "--target", "-t", help="The target the pack was made for."),
+    allow_overrides: bool = typer.Option(
+        False, "--allow-overrides", help="Accept results measured with --threads/--provider overrides."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the file, store nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Check a board's results file and store its measurements with the target."""
+    from profiles.results import import_results
+
+    summary = import_results(results, target, allow_overrides=allow_overrides, dry_run=dry_run)
+    if as_json:
+        emit_json(summary)
+        return
+    console.print(
+        f"{summary['measured']} measurements from {summary['source']}: {summary['imported']} stored, "
+        f"{summary['already_present']} already present -> {summary['store']}"
+    )
+    for cid, error in summary["failed_on_device"].items():
+        console.print(f"not measured on the device: {cid}: {error}")
+
+
+@app.command("list")
+def list_command(
+    target: str = typer.Option(..., "--target", "-t", help="A built-in target name or a path to a .toml file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Show the stored measurements of a target."""
+    from profiles.store import load_measurements, measurements_path
+    from targets import load_target
+
+    resolved = load_target(target)
+    records = load_measurements(resolved)
+    if as_json:
+        emit_json({"target": resolved.name, "store": measurements_path(resolved.name), "records": records})
+        return
+    table = Table(title=f"{resolved.name}: {len(records)} measurements ({measurements_path(resolved.name)})")
+    for column in ("genome", "variant", "source", "prefill p50", "decode p50", "decode p95", "peak RSS", "when"):
+        table.add_column(column)
+    for r in records:
+        m = r["measurement"]
+        table.add_row(
+            r["genome_hash"][:12], str(r.get("variant")), r["source"], f"{m['prefill_ms']['p50']:.3f} ms",
+            f"{m['decode_ms']['p50']:.3f} ms", f"{m['decode_ms']['p95']:.3f} ms",
+            f"{m['peak_rss_mb']:.0f} MiB" if m.get("peak_rss_mb") else "-", r["recorded_at"],
+        )
+    console.print(table)

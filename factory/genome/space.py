@@ -1,0 +1,91 @@
+"""A search space: a genome codec with some genes frozen (width, context, norm... fixed during a search, as in
+STAR) and an optional restriction of the operator families. Sampling and repair both go through `project()`, so
+a vector from anywhere (a sampler, crossover, mutation) lands on a valid genome of this space."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from factory.genome.codec import GLOBAL_DOMAINS, FAMILY_ORDER, GenomeCodec
+from factory.genome.schema import Genome, GenomeError
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    codec: GenomeCodec
+    fixed: tuple[tuple[int, int], ...] = ()  # (gene position, value)
+    families: tuple[str, ...] = FAMILY_ORDER
+    _family_positions: tuple[int, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        n_layers: int = 8,
+        d_model: int = 128,
+        context: int = 256,
+        n_classes: int = 4,
+        norm: str = "rmsnorm",
+        latents: int | None = 0,
+        tie_embeddings: bool = True,
+        families: tuple[str, ...] | None = None,
+    ) -> "SearchSpace":
+        """Freeze the global genes (None for `latents` lets evolution choose the Perceiver-AR window)."""
+        codec = GenomeCodec(n_layers=n_layers, n_classes=n_classes)
+        frozen = {"d_model": d_model, "context": context, "norm": norm, "tie_embeddings": tie_embeddings}
+        if latents is not None:
+            frozen["latents"] = latents
+        fixed = []
+        names = list(GLOBAL_DOMAINS)
+        for key, value in frozen.items():
+            domain = GLOBAL_DOMAINS[key]
+            if value not in domain:
+                raise GenomeError(f"global.{key}: {value!r} is outside the search space {list(domain)}")
+            fixed.append((names.index(key), domain.index(value)))
+        fams = tuple(families) if families else FAMILY_ORDER
+        unknown = [f for f in fams if f not in codec.op_domains["family"]]
+        if unknown:
+            raise GenomeError(f"families: unknown operator family {unknown[0]!r}")
+        positions = tuple(i for i, (name, _) in enumerate(codec.domains) if name.endswith(".family"))
+        return cls(codec=codec, fixed=tuple(fixed), families=fams, _family_positions=positions)
+
+    @property
+    def n_var(self) -> int:
+        return self.codec.length
+
+    @property
+    def upper_bounds(self) -> list[int]:
+        return self.codec.upper_bounds
+
+    @property
+    def frozen_positions(self) -> set[int]:
+        return {p for p, _ in self.fixed}
+
+    def project(self, vector) -> list[int]:
+        """Apply the frozen genes and map family genes into the allowed families (deterministic)."""
+        v = [int(x) % (ub + 1) for x, ub in zip(vector, self.upper_bounds)]
+        for pos, value in self.fixed:
+            v[pos] = value
+        domain = self.codec.op_domains["family"]
+        allowed = [domain.index(f) for f in self.families]
+        for pos in self._family_positions:
+            if v[pos] not in allowed:
+                v[pos] = allowed[v[pos] % len(allowed)]
+        return v
+
+    def repair(self, vector) -> Genome:
+        return self.codec.repair(self.project(vector))
+
+    def encode(self, genome: Genome) -> list[int]:
+        return self.codec.encode(genome)
+
+    def sample(self, seed: int) -> Genome:
+        rng = random.Random(seed)
+        return self.repair([rng.randint(0, ub) for ub in self.upper_bounds])
+
+    def contains(self, genome: Genome) -> bool:
+        try:
+            v = self.encode(genome)
+        except GenomeError:
+            return False
+        return self.project(v) == v
