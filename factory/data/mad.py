@@ -62,7 +62,7 @@ def selective_copying(n: int, seq_len: int = 256, copy: int = 16, vocab: int = 1
     """`copy` data tokens scattered among blanks, then a separator: reproduce the data tokens in order."""
     g = _gen(seed)
     blank, sep = vocab, vocab + 1
-    body = seq_len - copy - 1
+    body = seq_len - copy  # blanks+data, then the separator and copy-1 echoed tokens
     inputs = torch.full((n, seq_len), blank, dtype=torch.long)
     targets = torch.full((n, seq_len), IGNORE, dtype=torch.long)
     for row in range(n):

@@ -40,11 +40,11 @@ class OpSpec:
     heads: int = 4  # attention / recurrence heads
     kv_repeat: int = 1  # query heads per key/value head: 1 = MHA, heads = MQA, between = GQA
     positional: str = "none"  # rope | alibi | none
-    window: int = 0  # sliding window / banded sparsity; 0 = dense
+    window: int = 0  # attention sliding window (banded sparsity; 0 = dense) / long-conv filter length
     nonlinearity: str = "swish"  # family-specific: GLU activation, linear-attention feature map, conv gate
     decay: str = "none"  # linear attention: none | fixed (RetNet) | data (GLA)
     state_size: int = 16  # SSM state per channel, RWKV/linear-attention key dim per head
-    kernel: int = 4  # short conv kernel, long conv filter cap, SSM conv kernel
+    kernel: int = 4  # short conv kernel, SSM conv kernel
     expansion: int = 2  # GLU hidden multiple, SSM inner expansion
     channel_mixing: str = "dense"  # output projection: dense | grouped | diagonal
     differential: bool = False  # difference of two copies of the operator

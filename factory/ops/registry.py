@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.ops.base import Flops, LIVOperator, OpSpec, State
+from factory.ops.common import GROUPS
 
 FAMILIES: dict[str, type[LIVOperator]] = {}
 
@@ -101,6 +102,8 @@ def spec_errors(spec: OpSpec, d_model: int, context: int) -> list[str]:
         value = getattr(spec, name)
         if value not in allowed:
             errors.append(f"{name}: {value!r} is not accepted by {spec.family} (allowed: {list(allowed)})")
+    if not errors and spec.channel_mixing == "grouped" and d_model % GROUPS:
+        errors.append(f"channel_mixing: grouped needs d_model divisible by {GROUPS}, got {d_model}")
     if not errors:
         errors += cls.constraint_errors(d_model, spec, context)
     return errors
@@ -120,7 +123,10 @@ def repair_spec(spec: OpSpec, d_model: int, context: int) -> OpSpec:
             changes[name] = min(allowed, key=lambda a: (abs(a - value), a))
         else:
             changes[name] = cls.defaults.get(name, allowed[0])
-    spec = cls.repair(d_model, spec.with_(**changes), context)
+    spec = spec.with_(**changes)
+    if spec.channel_mixing == "grouped" and d_model % GROUPS:
+        spec = spec.with_(channel_mixing="dense")
+    spec = cls.repair(d_model, spec, context)
     return canonical_spec(spec)
 
 
