@@ -52,11 +52,13 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     ) -> None:
         """Measure an export with onnxruntime for a target (its provider, threads, prompt and context)."""
-        from profiles.profiler import profile_artifact  # onnxruntime loads only for this command
-        from targets import load_target
+        from profiles.profiler import prepare_profile, profile_artifact  # onnxruntime loads only for this command
 
-        resolved = load_target(target)
-        console.print(f"profiling {export_dir} for {resolved.name} ({resolved.provider}, {resolved.threads} threads)")
+        # Checks first, so that a bad argument is one line on stderr with no progress text before it.
+        resolved, _, chosen = prepare_profile(export_dir, target, variant)
+        console.print(
+            f"profiling {export_dir} ({chosen}) for {resolved.name}: {resolved.provider}, {resolved.threads} threads"
+        )
         result = profile_artifact(
             export_dir, resolved, variant=variant, repeats=repeats, top_ops=top_ops, memory=memory, record=record
         )
