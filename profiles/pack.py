@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from factory.errors import FactoryError
-from profiles import runner
+from profiles import runner, store
 from profiles.profiler import choose_variant, read_export
 from targets import Target, load_target
 
@@ -98,6 +98,7 @@ def make_pack(
             raise FactoryError(f"{export_dir} and {seen[cid]} hold the same genome ({cid}); pack each genome once")
         seen[cid] = export_dir
         chosen.append((export_dir, manifest, name, genome_hash, cid))
+        store.archive_genome(manifest)  # board results carry only the hash; keep the genome for the latency model
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 
 from factory.errors import FactoryError
-from profiles import runner
+from profiles import runner, store
 from profiles.store import record_measurement
 from targets import Target, load_target
 
@@ -107,6 +107,8 @@ def profile_artifact(
     target, manifest, chosen = prepare_profile(export_dir, target, variant)
     if record and not manifest.get("genome_hash"):  # say so before measuring, not after
         raise FactoryError(f"{export_dir}: manifest.json has no genome_hash, so the measurement cannot be stored (use record=False)")
+    if record:
+        store.archive_genome(manifest)
     try:
         result = runner.measure(
             str(export_dir),

@@ -41,6 +41,34 @@ def measurements_path(target_name: str) -> Path:
     return home / "measurements" / f"{target_name}.jsonl"
 
 
+def genome_archive_path(genome_hash: str) -> Path:
+    """Where the genome JSON of a measured model is kept, so a latency model can be fitted from the store alone
+    (board results carry only the hash)."""
+    return measurements_path("_").parent.parent / "genomes" / f"{genome_hash}.json"
+
+
+def archive_genome(manifest: dict) -> None:
+    """Keep the manifest's genome under its hash (idempotent; written atomically)."""
+    genome_hash, genome = manifest.get("genome_hash"), manifest.get("genome")
+    if not genome_hash or not isinstance(genome, dict):
+        return
+    path = genome_archive_path(genome_hash)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(genome, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_archived_genome(genome_hash: str) -> dict | None:
+    path = genome_archive_path(genome_hash)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _target_name_and_fingerprint(target) -> tuple[str, str | None]:
     if isinstance(target, str):
         return target, None

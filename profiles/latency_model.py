@@ -1,0 +1,123 @@
+"""Per-target latency model: predicts measured onnxruntime latency from genome features (numpy only).
+
+A linear model with non-negative coefficients (every feature can only add time), fitted by weighted least squares
+with weights 1/y so that it minimises relative error, which is what a budget check cares about. It is a pre-filter
+and a ranker, re-fitted as measurements arrive: a winner's latency is always measured, never predicted.
+
+Accuracy is reported on held-out samples (k-fold): the share of predictions within +-10% and the mean relative
+error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODEL_VERSION = 1
+
+
+def _nonneg_weighted_lstsq(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """min sum ((x w - y) / y)^2 + ridge |w|^2 subject to w >= 0 (active-set: refit without negative terms)."""
+    scale = 1.0 / np.maximum(y, 1e-9)
+    xs, ys = x * scale[:, None], y * scale
+    active = np.ones(x.shape[1], dtype=bool)
+    w = np.zeros(x.shape[1])
+    for _ in range(x.shape[1] + 1):
+        a = xs[:, active]
+        lhs = a.T @ a + ridge * np.eye(a.shape[1])
+        sol = np.linalg.solve(lhs, a.T @ ys)
+        if (sol >= 0).all():
+            w[:] = 0.0
+            w[active] = sol
+            return w
+        idx = np.flatnonzero(active)
+        active[idx[sol < 0]] = False  # drop the terms that want negative time
+        if not active.any():
+            break
+    return w
+
+
+@dataclass
+class LatencyModel:
+    metric: str  # decode | prefill
+    feature_names: list[str]
+    coef: list[float] = field(default_factory=list)
+    intercept: float = 0.0
+    n_samples: int = 0
+    accuracy: dict = field(default_factory=dict)
+
+    def _matrix(self, rows: list[dict]) -> np.ndarray:
+        return np.array([[float(r.get(f, 0.0)) for f in self.feature_names] + [1.0] for r in rows])
+
+    def fit(self, rows: list[dict], y, ridge: float = 1e-6) -> "LatencyModel":
+        y = np.asarray(y, dtype=float)
+        if len(rows) != len(y) or len(y) == 0:
+            raise ValueError("need as many feature rows as measurements, and at least one")
+        w = _nonneg_weighted_lstsq(self._matrix(rows), y, ridge)
+        self.coef, self.intercept, self.n_samples = [float(c) for c in w[:-1]], float(w[-1]), len(y)
+        return self
+
+    def predict(self, rows: list[dict]) -> np.ndarray:
+        return self._matrix(rows) @ np.array(self.coef + [self.intercept])
+
+    def predict_one(self, row: dict) -> float:
+        return float(self.predict([row])[0])
+
+    def to_dict(self) -> dict:
+        return {"model_version": MODEL_VERSION, "metric": self.metric, "feature_names": self.feature_names,
+                "coef": self.coef, "intercept": self.intercept, "n_samples": self.n_samples, "accuracy": self.accuracy}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        return cls(d["metric"], list(d["feature_names"]), list(d["coef"]), d["intercept"], d.get("n_samples", 0),
+                   d.get("accuracy", {}))
+
+    def save(self, path) -> None:
+        from pathlib import Path
+        import os
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+
+
+def relative_errors(predicted, measured) -> np.ndarray:
+    predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
+    return np.abs(predicted - measured) / np.maximum(measured, 1e-12)
+
+
+def accuracy_summary(errors: np.ndarray) -> dict:
+    return {
+        "n": int(len(errors)),
+        "within_10pct": float(np.mean(errors <= 0.10)) if len(errors) else float("nan"),
+        "mean_relative_error": float(np.mean(errors)) if len(errors) else float("nan"),
+        "max_relative_error": float(np.max(errors)) if len(errors) else float("nan"),
+    }
+
+
+def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int = 0) -> dict:
+    """Held-out accuracy: every sample is predicted by a model fitted without it (k-fold)."""
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    if n < 3:
+        return accuracy_summary(np.array([]))
+    folds = min(folds, n)
+    order = np.random.default_rng(seed).permutation(n)
+    errors = np.empty(n)
+    names = sorted(rows[0])
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        m = LatencyModel(metric, names).fit([rows[i] for i in train], y[train])
+        errors[test] = relative_errors(m.predict([rows[i] for i in test]), y[test])
+    return accuracy_summary(errors)
+
+
+def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5) -> LatencyModel:
+    model = LatencyModel(metric, sorted(rows[0])).fit(rows, y)
+    model.accuracy = cross_validate(metric, rows, y, folds)
+    return model
