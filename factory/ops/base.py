@@ -43,7 +43,7 @@ class OpSpec:
     window: int = 0  # attention sliding window (banded sparsity; 0 = dense) / long-conv filter length
     nonlinearity: str = "swish"  # family-specific: GLU activation, linear-attention feature map, conv gate
     decay: str = "none"  # linear attention: none | fixed (RetNet) | data (GLA)
-    state_size: int = 16  # SSM state per channel, RWKV/linear-attention key dim per head
+    state_size: int = 16  # SSM state size N, linear-attention key dim per head
     kernel: int = 4  # short conv kernel, SSM conv kernel
     expansion: int = 2  # GLU hidden multiple, SSM inner expansion
     channel_mixing: str = "dense"  # output projection: dense | grouped | diagonal
