@@ -15,7 +15,8 @@ venv: $(STAMP)
 
 # The factory's main job on the embedded default corpus and target.
 demo: $(STAMP)
-	$(VENV)/bin/factory demo --out runs/demo
+	if [ -f runs/demo/job.json ]; then $(VENV)/bin/factory run --resume runs/demo; \
+	else $(VENV)/bin/factory run --target laptop-cpu --preset quick --out runs/demo; fi
 
 # The test suite (what CI runs).
 test: $(STAMP)

@@ -1,0 +1,52 @@
+"""`factory run`: the main job, from a target to a report (search, finalize, export, profile, report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from factory.cli.common import console, emit_json, fail, positive_int
+
+
+def run_command(
+    target: Optional[str] = typer.Option(None, "--target", help="Target name or TOML file (default: laptop-cpu)."),
+    preset: str = typer.Option("quick", "--preset", help="smoke (~3 min) | quick (~15 min) | standard."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Text file or folder (default: embedded Shakespeare)."),
+    workers: int = typer.Option(1, "--workers", help="Parallel evaluations."),
+    executor: str = typer.Option("local", "--executor", help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (new), or with --resume the run to continue."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Search, retrain, export, profile and report, for one target. Resumable at every stage."""
+    from factory.job import PRESETS, JobConfig, run_job
+
+    if resume is not None:
+        if out is not None or target is not None:
+            fail("--resume takes the run folder alone (its settings are in job.json)")
+        result = run_job(None, resume, resume=True)
+    else:
+        if out is None:
+            fail("--out DIR is required (or --resume DIR)")
+        if preset not in PRESETS:
+            fail(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        if executor not in ("local", "ray"):
+            fail(f"--executor must be local or ray, got {executor!r}")
+        positive_int(workers, "--workers")
+        job = JobConfig(target=target or "laptop-cpu", preset=preset, corpus=corpus, workers=workers,
+                        executor=executor, ray_address=ray_address, seed=seed)
+        result = run_job(job, out)
+    if as_json:
+        emit_json(result)
+    else:
+        for line in result["verdict"]:
+            console.print(line)
+        console.print(f"report: {result['report_html']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_command)

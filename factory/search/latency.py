@@ -1,0 +1,232 @@
+"""The latency loop: measured latency and memory as search objectives.
+
+For each candidate that survives the static checks and trains, the `profile` stage exports it (ONNX, the target's
+quantization), checks parity, and measures it with onnxruntime under the target's protocol on this machine; the
+measurement is appended to the target's store. When this machine cannot stand in for the target (its provider
+is missing here, or its instruction set differs, e.g. an arm64 board seen from an x86 host), the stage instead
+predicts from a latency model fitted on the measurements imported from the board (`factory profiles import`), and
+says so in the result. With neither, the stage fails with the way out in its reason.
+
+Before training, `LatencyPrefilter` rejects candidates whose predicted latency is far over the target's budget
+(the model is re-fitted from the store as measurements arrive). Winners are always re-measured by `factory run`:
+what the report calls latency is measured, never predicted.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from factory.errors import FactoryError
+
+PROFILE_REPEATS = 10  # prefill repetitions per candidate in the search (winners get the full protocol)
+PREFILTER_MARGIN = 1.5  # reject before training only when the prediction is this far over budget
+MIN_SAMPLES_TO_PREDICT = 8
+
+
+def _machine_isa() -> str:
+    m = platform.machine().lower()
+    return "arm64" if m in ("arm64", "aarch64") else "x86_64"
+
+
+def representative_here(target) -> tuple[bool, str]:
+    """Can a measurement on this machine stand for the target? (provider available, same instruction set)"""
+    import onnxruntime as ort
+
+    provider = target.providers[0]
+    if provider not in ort.get_available_providers():
+        return False, f"{provider} is not available on this machine"
+    isa = getattr(target, "quantization_isa", "none") or "none"
+    here = _machine_isa()
+    if isa == "arm64" and here != "arm64":
+        return False, f"target {target.name} is an arm64 device and this machine is {here}"
+    if isa in ("avx2", "avx512_vnni") and here != "x86_64":
+        return False, f"target {target.name} is an x86 device ({isa}) and this machine is {here}"
+    return True, ""
+
+
+def latency_metric(target) -> str:
+    return getattr(target, "latency_metric", None) or "decode"
+
+
+def budget_ms(target) -> float | None:
+    return target.decode_ms_p95 if latency_metric(target) == "decode" else target.prefill_ms
+
+
+# -- fitting from the store ------------------------------------------------------------------------------------------
+def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
+    """(feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board data only.
+
+    Decode samples use p95 (what the budget constrains), prefill samples p50.
+    """
+    from factory.genome.features import latency_features
+    from factory.genome.schema import Genome
+    from profiles.store import load_archived_genome, load_measurements
+
+    rows, ys, hashes, seen = [], [], [], set()
+    for record in reversed(load_measurements(target)):  # newest first: one sample per genome
+        if source == "board" and not str(record.get("source", "")).startswith("board:"):
+            continue
+        h = record.get("genome_hash")
+        m = record.get("measurement", {})
+        value = (m.get("decode_ms") or {}).get("p95") if metric == "decode" else (m.get("prefill_ms") or {}).get("p50")
+        if h in seen or value is None or not math.isfinite(float(value)):
+            continue
+        genome_dict = load_archived_genome(h)
+        if genome_dict is None:
+            continue
+        genome = Genome.from_dict(genome_dict)
+        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context))
+        ys.append(float(value))
+        hashes.append(h)
+        seen.add(h)
+    return rows, ys, hashes
+
+
+def fit_latency_model(target, metric: str | None = None, source: str | None = None):
+    """A latency model for the target from its stored measurements (None when there are too few)."""
+    from profiles.latency_model import fit_with_accuracy
+
+    metric = metric or latency_metric(target)
+    rows, ys, _ = training_samples(target, metric, source)
+    if len(ys) < MIN_SAMPLES_TO_PREDICT:
+        return None
+    return fit_with_accuracy(metric, rows, ys)
+
+
+def predict_ms(model, genome, target) -> float:
+    from factory.genome.features import latency_features
+
+    return model.predict_one(latency_features(genome, model.metric, target.prompt_length, target.decode_context))
+
+
+class LatencyPrefilter:
+    """Static rejection of candidates predicted to be far over the latency budget (re-fitted on demand)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.model = None
+
+    def refit(self) -> None:
+        representative, _ = representative_here(self.target)
+        self.model = fit_latency_model(self.target, source=None if representative else "board")
+
+    def violation(self, genome) -> tuple[float, str]:
+        budget = budget_ms(self.target)
+        if self.model is None or budget is None:
+            return 0.0, ""
+        predicted = predict_ms(self.model, genome, self.target)
+        if predicted > PREFILTER_MARGIN * budget:
+            return predicted / budget - 1.0, f"predicted {latency_metric(self.target)} {predicted:.2f} ms > {PREFILTER_MARGIN}x budget {budget} ms"
+        return 0.0, ""
+
+
+# -- the evaluation stage -------------------------------------------------------------------------------------------
+def measure_model(model, target, workdir: Path, repeats: int = PROFILE_REPEATS, corpus: str | None = None) -> dict:
+    """Export a model for the target (its quantization), verify it, and measure it with onnxruntime here."""
+    from export.pipeline import ExportRequest, export_checkpoint
+    from factory.data.corpus import load_corpus
+    from factory.train import TrainConfig, TrainResult, save_checkpoint
+    from profiles.profiler import profile_artifact
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="profile-"))
+    try:
+        ckpt = scratch / "checkpoint"
+        stub = TrainResult(status="ok", val_loss=float("nan"), val_bpb=float("nan"), tokens=0, steps=0, wall_s=0.0,
+                           tokens_per_s=0.0)
+        save_checkpoint(ckpt, model, stub, TrainConfig(tokens=1), load_corpus(corpus))
+        export_checkpoint(ExportRequest(checkpoint=ckpt, out=scratch / "export", target=target, corpus=corpus))
+        return profile_artifact(scratch / "export", target, repeats=repeats, record=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def profile_stage(ctx) -> dict:
+    """Evaluation stage "profile": measured (or, off-device, board-predicted) latency and memory."""
+    from targets import load_target
+
+    name = ctx.settings.get("target")
+    if not name:
+        return {"status": "error", "reason": "the latency and memory objectives need --target"}
+    target = load_target(name)
+    representative, why = representative_here(target)
+    if representative:
+        model = ctx.artifacts.get("model")
+        if model is None:  # latency does not depend on the weights: an untrained model measures the same
+            from factory.model import LIVModel
+
+            model = LIVModel(ctx.genome)
+        workdir = ctx.workdir or Path(tempfile.gettempdir()) / "factory-profile"
+        m = measure_model(model.eval(), target, workdir, corpus=ctx.settings.get("corpus"))
+        return {
+            "source": "measured",
+            "prefill_ms_p50": m["prefill_ms"]["p50"],
+            "decode_ms_p50": m["decode_ms"]["p50"],
+            "decode_ms_p95": m["decode_ms"]["p95"],
+            "peak_rss_mb": m["peak_rss_mb"],
+            "model_rss_mb": m.get("model_rss_mb"),
+            "file_mb": m["file_mb"],
+            "variant": m["variant"],
+            "protocol_version": m["protocol_version"],
+        }
+    out = {"source": "predicted-from-board"}
+    for metric in ("decode", "prefill"):
+        model = fit_latency_model(target, metric, source="board")
+        if model is None:
+            return {"status": "error", "reason": (
+                f"{why}, and fewer than {MIN_SAMPLES_TO_PREDICT} board measurements are stored for it: run "
+                f"`factory profiles pack ... --target {target.name}` on exports, the runner on the board, then "
+                f"`factory profiles import RESULTS --target {target.name}`")}
+        out[f"{metric}_predicted_ms"] = predict_ms(model, ctx.genome, target)
+        out[f"{metric}_model_accuracy"] = model.accuracy
+    out["decode_ms_p95"] = out["decode_predicted_ms"]
+    out["prefill_ms_p50"] = out["prefill_predicted_ms"]
+    from factory.genome.metrics import peak_memory_bytes
+
+    out["peak_rss_mb"] = peak_memory_bytes(ctx.genome, target.decode_context) / 1e6  # static estimate, no measurement
+    return out
+
+
+# -- objectives -------------------------------------------------------------------------------------------------------
+def _latency(genome, record, ctx) -> float:
+    from targets import load_target
+
+    p = record.measurements["profile"]
+    metric = latency_metric(load_target(ctx.target)) if ctx.target else "decode"
+    return float(p["decode_ms_p95"] if metric == "decode" else p["prefill_ms_p50"])
+
+
+def _memory(genome, record, ctx) -> float:
+    return float(record.measurements["profile"]["peak_rss_mb"])
+
+
+def register() -> None:
+    from factory.search.objectives import Objective, register_objective, register_stage
+
+    register_stage("profile", "factory.search.latency:profile_stage")
+    register_objective(Objective("latency", _latency, needs=("profile",),
+                                 label="latency on the target (ms)",
+                                 description="measured onnxruntime latency on the target (decode p95 or prefill p50)"))
+    register_objective(Objective("memory", _memory, needs=("profile",),
+                                 label="peak resident memory (MB)",
+                                 description="peak RSS of the onnxruntime process running the model"))
+
+
+def check_target_measurable(target_name: str) -> None:
+    """Fail early, before any training, when the latency objective can be neither measured nor predicted."""
+    from targets import load_target
+
+    target = load_target(target_name)
+    ok, why = representative_here(target)
+    if ok:
+        return
+    rows, _, _ = training_samples(target, latency_metric(target), source="board")
+    if len(rows) < MIN_SAMPLES_TO_PREDICT:
+        raise FactoryError(
+            f"target {target.name} cannot be measured here ({why}) and has {len(rows)} imported board measurements "
+            f"(need {MIN_SAMPLES_TO_PREDICT}): profile probes on the board with `factory profiles pack` and the "
+            f"runner, then `factory profiles import`")
