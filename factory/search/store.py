@@ -1,0 +1,206 @@
+"""DIR/search.db: every finished evaluation, the population of every generation, the final retraining.
+
+SQLite in WAL mode with synchronous=FULL: each evaluation is its own committed transaction the moment it
+finishes, so a kill at any point (even kill -9, even a power cut) loses at most the evaluations still running.
+A generation (its population, hypervolume and counters) is committed in one transaction after its survival, so
+`last_generation()` is the last generation that is complete. Values are JSON text (floats round-trip exactly);
+nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    hash TEXT NOT NULL,
+    train_config_hash TEXT NOT NULL,
+    generation INTEGER NOT NULL,          -- the generation that first evaluated it
+    status TEXT NOT NULL,                 -- ok | diverged | oom | error | rejected
+    reason TEXT NOT NULL DEFAULT '',
+    origin TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL DEFAULT '',
+    objectives TEXT NOT NULL,             -- JSON {objective: value}
+    violation REAL NOT NULL,              -- constraint violation (0 = feasible)
+    static TEXT NOT NULL,                 -- JSON static metrics
+    measurements TEXT NOT NULL,           -- JSON {stage: measurements}
+    genome TEXT NOT NULL,                 -- JSON genome
+    seed INTEGER NOT NULL,
+    wall_s REAL NOT NULL DEFAULT 0,
+    timings TEXT NOT NULL DEFAULT '{}',   -- JSON {stage_s: seconds, ...}
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_hash ON evaluations (hash, train_config_hash);
+CREATE TABLE IF NOT EXISTS offspring (
+    generation INTEGER NOT NULL, idx INTEGER NOT NULL, hash TEXT NOT NULL, origin TEXT NOT NULL,
+    parents TEXT NOT NULL, PRIMARY KEY (generation, idx));
+CREATE TABLE IF NOT EXISTS population (
+    generation INTEGER NOT NULL, slot INTEGER NOT NULL, hash TEXT NOT NULL, rank INTEGER NOT NULL,
+    crowding REAL, PRIMARY KEY (generation, slot));
+CREATE TABLE IF NOT EXISTS generations (
+    generation INTEGER PRIMARY KEY, hypervolume REAL NOT NULL, evaluated INTEGER NOT NULL,
+    reused INTEGER NOT NULL, failed INTEGER NOT NULL, rejected INTEGER NOT NULL, best TEXT NOT NULL,
+    finished_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS final (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
+    seed INTEGER NOT NULL, tokens INTEGER NOT NULL, train_config_hash TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT NOT NULL, val_bpb REAL, params INTEGER NOT NULL, cache_bytes INTEGER NOT NULL,
+    genome TEXT NOT NULL, wall_s REAL NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS final_key ON final (hash, seed, train_config_hash);
+"""
+
+_JSON_COLUMNS = ("objectives", "static", "measurements", "genome", "timings", "parents", "best")
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, sort_keys=True, allow_nan=True)
+
+
+def _row(cursor: sqlite3.Cursor, row: tuple) -> dict:
+    out = {}
+    for (name, *_), value in zip(cursor.description, row):
+        out[name] = json.loads(value) if name in _JSON_COLUMNS and isinstance(value, str) else value
+    return out
+
+
+class Store:
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        else:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+        self.db.row_factory = _row
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- meta ---------------------------------------------------------------------------------------------------
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        value = row["value"] if isinstance(row, dict) else row[0]
+        return json.loads(value)
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, _dumps(value)))
+
+    # -- evaluations ----------------------------------------------------------------------------------------------
+    def find(self, genome_hash: str, train_config_hash: str) -> dict | None:
+        return self.db.execute(
+            "SELECT * FROM evaluations WHERE hash = ? AND train_config_hash = ? ORDER BY id LIMIT 1",
+            (genome_hash, train_config_hash),
+        ).fetchone()
+
+    def add_evaluation(self, **row) -> None:
+        """Commit one finished evaluation (autocommit: durable when this returns)."""
+        row.setdefault("created_at", time.time())
+        for key in _JSON_COLUMNS:
+            if key in row and not isinstance(row[key], str):
+                row[key] = _dumps(row[key])
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.db.execute(f"INSERT INTO evaluations ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def evaluations(self, train_config_hash: str | None = None) -> list[dict]:
+        if train_config_hash is None:
+            return self.db.execute("SELECT * FROM evaluations ORDER BY id").fetchall()
+        return self.db.execute(
+            "SELECT * FROM evaluations WHERE train_config_hash = ? ORDER BY id", (train_config_hash,)
+        ).fetchall()
+
+    # -- generations ----------------------------------------------------------------------------------------------
+    def save_offspring(self, generation: int, candidates) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM offspring WHERE generation = ?", (generation,))
+            self.db.executemany(
+                "INSERT INTO offspring (generation, idx, hash, origin, parents) VALUES (?, ?, ?, ?, ?)",
+                [(generation, i, c.hash, c.origin, _dumps(list(c.parents))) for i, c in enumerate(candidates)],
+            )
+
+    def save_generation(self, generation: int, members, hypervolume: float, counters: dict, best: dict) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM population WHERE generation = ?", (generation,))
+            self.db.executemany(
+                "INSERT INTO population (generation, slot, hash, rank, crowding) VALUES (?, ?, ?, ?, ?)",
+                [(generation, i, m.hash, m.rank, m.crowding if m.crowding != float("inf") else None)
+                 for i, m in enumerate(members)],
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO generations (generation, hypervolume, evaluated, reused, failed, rejected, "
+                "best, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (generation, hypervolume, counters.get("evaluated", 0), counters.get("reused", 0),
+                 counters.get("failed", 0), counters.get("rejected", 0), _dumps(best), time.time()),
+            )
+
+    def last_generation(self) -> int | None:
+        row = self.db.execute("SELECT MAX(generation) AS g FROM generations").fetchone()
+        return row["g"] if row else None
+
+    def population(self, generation: int) -> list[dict]:
+        return self.db.execute(
+            "SELECT * FROM population WHERE generation = ? ORDER BY slot", (generation,)
+        ).fetchall()
+
+    def generations(self) -> list[dict]:
+        return self.db.execute("SELECT * FROM generations ORDER BY generation").fetchall()
+
+    def offspring(self, generation: int | None = None) -> list[dict]:
+        if generation is None:
+            return self.db.execute("SELECT * FROM offspring ORDER BY generation, idx").fetchall()
+        return self.db.execute("SELECT * FROM offspring WHERE generation = ? ORDER BY idx", (generation,)).fetchall()
+
+    # -- final retraining -----------------------------------------------------------------------------------------
+    def find_final(self, genome_hash: str, seed: int, train_config_hash: str) -> dict | None:
+        return self.db.execute(
+            "SELECT * FROM final WHERE hash = ? AND seed = ? AND train_config_hash = ? ORDER BY id LIMIT 1",
+            (genome_hash, seed, train_config_hash),
+        ).fetchone()
+
+    def add_final(self, **row) -> None:
+        row.setdefault("created_at", time.time())
+        if not isinstance(row.get("genome"), str):
+            row["genome"] = _dumps(row["genome"])
+        cols = ", ".join(row)
+        self.db.execute(f"INSERT INTO final ({cols}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values()))
+
+    def finals(self, train_config_hash: str | None = None) -> list[dict]:
+        if train_config_hash is None:
+            return self.db.execute("SELECT * FROM final ORDER BY id").fetchall()
+        return self.db.execute("SELECT * FROM final WHERE train_config_hash = ? ORDER BY id",
+                               (train_config_hash,)).fetchall()
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def transaction(self):
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
