@@ -1,0 +1,76 @@
+"""`factory run` end to end on the smoke preset: search, finalize, export, profile, report; then a resume that
+redoes nothing, and bad input."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def factory(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "factory", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("job") / "run"
+    t0 = time.time()
+    proc = factory("run", "--target", "laptop-cpu", "--preset", "smoke", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout), time.time() - t0
+
+
+def test_smoke_run_produces_every_stage(smoke_run):
+    out, result, _ = smoke_run
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    final = json.loads((out / "final.json").read_text())
+    roles = {m["role"] for m in final["models"]}
+    assert "baseline" in roles and len(final["seeds"]) >= 2
+    exports = sorted((out / "exports").iterdir())
+    assert exports and all((e / "manifest.json").is_file() for e in exports)
+    for e in exports:
+        parity = json.loads((e / "manifest.json").read_text())["parity"]
+        assert parity["passed"] and parity["decode_max_abs"] <= 1e-4
+    report = json.loads((out / "report.json").read_text())
+    measured = [r for r in report["comparison"] if r.get("decode_ms_p50") is not None]
+    assert measured, "laptop-cpu is measurable here: the report's latencies must be measured"
+    for r in measured:
+        assert 0 < r["decode_ms_p50"] <= r["decode_ms_p95"] and r["peak_rss_mb"] > 0
+    assert set(report["figures"]) == {"pareto_cache", "pareto_params", "pareto_latency"}
+    assert result["verdict"] and result["verdict"][0].split(":")[0] in ("YES", "NO", "TIE")
+
+
+def _evaluation_count(out):
+    with sqlite3.connect(out / "search.db") as db:
+        return db.execute("select count(*) from evaluations").fetchone()[0]
+
+
+def test_resume_of_a_finished_run_redoes_nothing(smoke_run):
+    out, _, first_wall = smoke_run
+    before = _evaluation_count(out)
+    mtimes = {p: p.stat().st_mtime for p in (out / "exports").rglob("manifest.json")}
+    t0 = time.time()
+    proc = factory("run", "--resume", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _evaluation_count(out) == before
+    assert {p: p.stat().st_mtime for p in (out / "exports").rglob("manifest.json")} == mtimes
+    assert time.time() - t0 < first_wall / 2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--target", "no-such-device", "--out", "{tmp}/a"], "no-such-device"),
+        (["run", "--preset", "huge", "--out", "{tmp}/b"], "--preset"),
+        (["run", "--resume", "{tmp}"], "not a factory run"),
+        (["run", "--target", "laptop-cpu"], "--out"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    proc = factory(*[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
