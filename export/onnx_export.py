@@ -183,6 +183,7 @@ def export_graphs(model: LIVModel, layout: list[StateTensor], out_dir: Path, ops
                 raise FactoryError(culprit) from None
             warnings_.append(f"{culprit} (exported with torch.onnx's narrowed trace instead; parity decides)")
         name_symbolic_axes(path, symbolic, logits_length[graph])
+        reciprocal_as_div(path)
         check_portable(path, expect_inputs=names[0], expect_outputs=names[1])
         check_symbolic_inputs(path, symbolic)
     return ExportedGraphs(paths["prefill"], paths["decode"], opset, warnings_)
@@ -215,6 +216,29 @@ def name_symbolic_axes(path: Path, expected: dict[str, list], logits_length: str
     onnx.save(model, str(path))
 
 
+def reciprocal_as_div(path: Path) -> int:
+    """Rewrite Reciprocal(y) as Div(1, y): the same IEEE result, in the form onnxruntime's fusions match.
+
+    The dynamo exporter writes rsqrt as Reciprocal(Sqrt(.)), and onnxruntime's SimplifiedLayerNormalization
+    (RMSNorm) fusion only recognises Div(., Sqrt(.)): without this every RMSNorm stays five separate kernels
+    (the TorchScript exporter, used by optimum, writes Div). A graph-level rewrite; operators are not involved.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "Reciprocal" and n.domain in STANDARD_DOMAINS]
+    if not nodes:
+        return 0
+    one = "reciprocal_as_div_one"
+    model.graph.initializer.append(onnx.helper.make_tensor(one, onnx.TensorProto.FLOAT, [], [1.0]))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    for node in nodes:
+        if types.get(node.input[0], onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue  # only float32 graphs are exported; leave anything else alone
+        node.op_type = "Div"
+        node.input[:] = [one, node.input[0]]
+    onnx.save(model, str(path))
+    return len(nodes)
+
+
 def check_symbolic_inputs(path: Path, expected: dict[str, list]) -> None:
     """The graph's inputs keep their symbolic axes (a specialised axis would be a fixed number here)."""
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -224,8 +248,20 @@ def check_symbolic_inputs(path: Path, expected: dict[str, list]) -> None:
             raise FactoryError(f"{path.name}: input {value.name} has shape {dims}, expected {expected[value.name]}")
 
 
+def runtime_specific_ops(path: Path) -> list[str]:
+    """Op types that are not ONNX standard: other domains, and onnxruntime's internal ops that it registers in
+    the default domain (SimplifiedLayerNormalization, after its RMSNorm fusion)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({
+        f"{n.domain}.{n.op_type}" if n.domain not in STANDARD_DOMAINS else n.op_type
+        for n in _all_nodes(model.graph)
+        if n.domain not in STANDARD_DOMAINS or not onnx.defs.has(n.op_type)
+    })
+
+
 def check_portable(path: Path, expect_inputs=None, expect_outputs=None, allowed_domains=STANDARD_DOMAINS) -> dict:
-    """Single file, under 2 GB, only `allowed_domains`, no FFT, the expected names. Returns op statistics."""
+    """Single file, under 2 GB, only `allowed_domains` (and, in the default domain, only ONNX standard ops
+    unless other domains are allowed), no FFT, the expected names. Returns op statistics."""
     if path.with_name(path.name + ".data").exists():
         raise FactoryError(f"{path.name}: the exporter wrote external data; the artifact must be single files")
     size = path.stat().st_size
@@ -238,6 +274,8 @@ def check_portable(path: Path, expect_inputs=None, expect_outputs=None, allowed_
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
         if node.domain not in allowed_domains:
             raise FactoryError(f"{path.name}: node {node.name} ({node.op_type}) is in the non-standard domain {node.domain!r}")
+        if allowed_domains == STANDARD_DOMAINS and not onnx.defs.has(node.op_type):
+            raise FactoryError(f"{path.name}: node {node.name} ({node.op_type}) is not a standard ONNX op")
         if node.op_type in FORBIDDEN_OPS:
             raise FactoryError(f"{path.name}: node {node.name} is an FFT ({node.op_type}); use a causal Conv instead")
     if expect_inputs is not None:

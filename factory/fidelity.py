@@ -110,6 +110,18 @@ def flip_share(x: Sequence[float], y: Sequence[float]) -> float:
     return float((np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) < 0).mean())
 
 
+def top_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    """Share of the k best items by b (lowest values) that are also among the k best by a: what a search that
+    keeps its top k by the cheap score a would keep of the truly best. Ties are broken by position."""
+    a, b = _pair(a, b)
+    k = min(k, len(a))
+    if k < 1:
+        return float("nan")
+    best_a = set(np.argsort(a, kind="mergesort")[:k].tolist())
+    best_b = set(np.argsort(b, kind="mergesort")[:k].tolist())
+    return len(best_a & best_b) / k
+
+
 def seed_noise(values_by_seed: dict[Hashable, Sequence[float]]) -> dict:
     """How much of a ranking is noise: for every pair of seed indices (s, t), rank the genomes that have finite
     values at both by seed s and by seed t; report the mean share of genome pairs whose order flips, and the mean
@@ -134,8 +146,9 @@ def rank_agreement(low: dict[Hashable, Sequence[float]], high: dict[Hashable, Se
 
     Spearman and Kendall are computed on per-genome seed means over the genomes with at least one finite value at
     both budgets. `flip_share` is the share of genome pairs the low budget orders the other way round from the high
-    one; `noise_low` / `noise_high` give the share of pairs that flip between seeds at the same budget, i.e. how much
-    of any ranking at that budget is noise. `spread_low` / `spread_high` summarise `seed_spread`.
+    one; `top_quarter` is `top_overlap` with k = n // 4 (at least 1); `noise_low` / `noise_high` give the share of
+    pairs that flip between seeds at the same budget, i.e. how much of any ranking at that budget is noise.
+    `spread_low` / `spread_high` summarise `seed_spread`.
     """
     keys = [k for k in low if k in high and _finite(low[k]) and _finite(high[k])]
     lo = [float(np.mean(_finite(low[k]))) for k in keys]
@@ -150,6 +163,7 @@ def rank_agreement(low: dict[Hashable, Sequence[float]], high: dict[Hashable, Se
         "spearman": spearman(lo, hi),
         "kendall": kendall_tau(lo, hi),
         "flip_share": flip_share(lo, hi),
+        "top_quarter": top_overlap(lo, hi, max(1, len(keys) // 4)) if keys else float("nan"),
         "noise_low": seed_noise({k: low[k] for k in keys}),
         "noise_high": seed_noise({k: high[k] for k in keys}),
         "spread_low": spread({k: low[k] for k in keys}),

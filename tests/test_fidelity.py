@@ -23,6 +23,7 @@ from factory.fidelity import (
     seed_spread,
     spearman,
     tie_or_win,
+    top_overlap,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,8 @@ def test_flips_and_noise_share():
     assert flip_share([1, 2, 3], [1, 2, 3]) == 0.0
     assert flip_share([1, 2, 3], [3, 2, 1]) == 1.0
     assert flip_share([1, 2, 3], [2, 1, 3]) == pytest.approx(1 / 3)
+    assert top_overlap([1, 2, 3, 4], [2, 1, 4, 3], 2) == 1.0
+    assert top_overlap([1, 2, 3, 4], [1, 3, 2, 4], 2) == 0.5
     # seeds 0 and 1 disagree on x vs y only: 1 of 3 pairs
     noise = seed_noise({"x": [1.0, 2.0], "y": [2.0, 1.0], "z": [3.0, 3.0]})
     assert noise["seed_pairs"] == 1 and noise["flip_share"] == pytest.approx(1 / 3)
@@ -99,6 +102,7 @@ def test_rank_agreement_on_seed_means():
     assert r["flip_share"] == pytest.approx(1 / 6)
     assert r["kendall"] == pytest.approx(4 / 6) and r["spearman"] == pytest.approx(0.8)
     assert r["spread_high"]["genomes_with_spread"] == 4
+    assert r["top_quarter"] == 1.0  # k = 1: a is best at both budgets
 
 
 def test_tie_or_win():

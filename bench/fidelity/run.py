@@ -242,6 +242,8 @@ def markdown(res: dict) -> str:
         f"| Spearman, {lo:,} vs {hi:,} tokens (seed means) | {_f(a['spearman'])} |",
         f"| Kendall tau-b, same | {_f(a['kendall'])} |",
         f"| pairs ordered the other way round by the short budget | {_f(a['flip_share'])} |",
+        f"| of the long run's best quarter ({max(1, a['n'] // 4)}), share also in the short run's best quarter | "
+        f"{_f(a['top_quarter'], 2)} |",
         f"| seed spread at {lo:,}: mean std / mean range / max range (bpb) | {_f(a['spread_low']['mean_std'])} / "
         f"{_f(a['spread_low']['mean_range'])} / {_f(a['spread_low']['max_range'])} |",
         f"| seed spread at {hi:,}: mean std / mean range / max range (bpb) | {_f(a['spread_high']['mean_std'])} / "
