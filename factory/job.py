@@ -62,7 +62,7 @@ class JobConfig:
     target: str
     preset: str
     corpus: str | None = None
-    workers: int = 1
+    workers: int | None = None  # None: the search's default (one worker per core, one thread each)
     executor: str = "local"
     ray_address: str | None = None
     seed: int = 0
@@ -108,7 +108,7 @@ def _check_new_dir(out: Path) -> None:
 
 # -- stages ----------------------------------------------------------------------------------------------------------
 def search_config(job: JobConfig):
-    from factory.search.config import Budgets, SearchConfig
+    from factory.search.config import Budgets, SearchConfig, default_workers
     from factory.search.target_bridge import target_defaults
 
     p = PRESETS[job.preset]
@@ -123,7 +123,7 @@ def search_config(job: JobConfig):
         metrics_context=t["metrics_context"], dtype=t["dtype"], target=t["target"],
         target_fingerprint=t["target_fingerprint"], population=p.population, generations=p.generations,
         seed=job.seed, corpus=job.corpus, corpus_sha256=corpus.sha256, tokens=p.tokens, seq_len=p.seq_len,
-        batch_size=p.batch_size, eval_windows=p.eval_windows, workers=job.workers, executor=job.executor,
+        batch_size=p.batch_size, eval_windows=p.eval_windows, workers=job.workers or default_workers(), executor=job.executor,
         ray_address=job.ray_address,
     ).validate()
 

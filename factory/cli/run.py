@@ -14,7 +14,7 @@ def run_command(
     target: Optional[str] = typer.Option(None, "--target", help="Target name or TOML file (default: laptop-cpu)."),
     preset: str = typer.Option("quick", "--preset", help="smoke (~3 min) | quick (~15 min) | standard."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text file or folder (default: embedded Shakespeare)."),
-    workers: int = typer.Option(1, "--workers", help="Parallel evaluations."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel evaluations (default: one per core)."),
     executor: str = typer.Option("local", "--executor", help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address"),
     seed: int = typer.Option(0, "--seed"),
@@ -36,7 +36,8 @@ def run_command(
             fail(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         if executor not in ("local", "ray"):
             fail(f"--executor must be local or ray, got {executor!r}")
-        positive_int(workers, "--workers")
+        if workers is not None:
+            positive_int(workers, "--workers")
         job = JobConfig(target=target or "laptop-cpu", preset=preset, corpus=corpus, workers=workers,
                         executor=executor, ray_address=ray_address, seed=seed)
         result = run_job(job, out)

@@ -4,7 +4,7 @@ Modules, each small: `config` (run settings, run.json), `objectives` (objective 
 `problem` (space + objectives + budgets), `operators` (sampling, crossover, mutation, repair, budget repair),
 `algorithm` (NSGA-II steps on pymoo's machinery), `seeding` (space, adapted references), `evaluate` (worker side),
 `executors` (inline, process pool, Ray), `store` (SQLite), `run` (the loop, resume), `outputs`, `plots`,
-`analysis` (motifs), `finalize` (longer retraining against the baselines), `targets` (the --target bridge).
+`analysis` (motifs), `finalize` (longer retraining against the baselines), `target_bridge` (--target).
 """
 
 from factory.search.config import Budgets, SearchConfig

@@ -110,7 +110,8 @@ class LatencyPrefilter:
         self.target = target
         self.model = None
 
-    def refit(self) -> None:
+    def refresh(self) -> None:
+        """Re-fit from the store (the search calls this before each generation)."""
         representative, _ = representative_here(self.target)
         self.model = fit_latency_model(self.target, source=None if representative else "board")
 
@@ -204,16 +205,33 @@ def _memory(genome, record, ctx) -> float:
     return float(record.measurements["profile"]["peak_rss_mb"])
 
 
+def _prefilter(config):
+    """Static constraint for runs that optimise latency on a target with a latency budget."""
+    from targets import load_target
+
+    if not config.target or "latency" not in config.objectives:
+        return None
+    target = load_target(config.target)
+    return LatencyPrefilter(target) if budget_ms(target) is not None else None
+
+
+def _preflight(ctx) -> None:
+    if not ctx.target:
+        raise FactoryError("the latency and memory objectives need --target (which device to measure on)")
+    check_target_measurable(ctx.target)
+
+
 def register() -> None:
-    from factory.search.objectives import Objective, register_objective, register_stage
+    from factory.search.objectives import Objective, register_constraint, register_objective, register_stage
 
     register_stage("profile", "factory.search.latency:profile_stage")
     register_objective(Objective("latency", _latency, needs=("profile",),
-                                 label="latency on the target (ms)",
+                                 label="latency on the target (ms)", preflight=_preflight,
                                  description="measured onnxruntime latency on the target (decode p95 or prefill p50)"))
     register_objective(Objective("memory", _memory, needs=("profile",),
-                                 label="peak resident memory (MB)",
+                                 label="peak resident memory (MB)", preflight=_preflight,
                                  description="peak RSS of the onnxruntime process running the model"))
+    register_constraint("latency_prefilter", _prefilter)
 
 
 def check_target_measurable(target_name: str) -> None:
