@@ -179,5 +179,5 @@ def conv_step(x_t: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor)
     The state always rolls (no branch on position), which keeps the decode graph static.
     """
     window = torch.cat([conv_state, x_t], dim=1)  # [B, k, C]
-    y = torch.einsum("bkc,ck->bc", window, weight).unsqueeze(1)
+    y = (window * weight.t().unsqueeze(0)).sum(dim=1, keepdim=True)  # Mul + ReduceSum: no ONNX Einsum
     return y, window[:, 1:]

@@ -121,7 +121,7 @@ class Mamba(LIVOperator):
         x, bm, cm, dt, log_a = x[:, 0], bm[:, 0, 0], cm[:, 0, 0], dt[:, 0], log_a[:, 0]  # drop the time axis
         xdt = x * dt.unsqueeze(-1)  # [B, H, P]
         ssm = torch.exp(log_a)[..., None, None] * state["ssm"] + xdt.unsqueeze(-1) * bm[:, None, None, :]
-        y = torch.einsum("bhpn,bn->bhp", ssm, cm)
+        y = (ssm @ cm[:, None, :, None]).squeeze(-1)  # [B, H, P]; a MatMul, not an ONNX Einsum (slow on ORT CPU)
         return self._output(y.unsqueeze(1), x.unsqueeze(1), z), {"conv": conv, "ssm": ssm}
 
     # -- shapes and costs ----------------------------------------------------------------------------------------
