@@ -11,7 +11,6 @@ tensors exist and which of their axes grow with the context, so the graphs get f
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,25 +20,11 @@ from factory.errors import FactoryError
 from factory.genome import Genome
 from factory.genome.metrics import state_shapes
 from factory.model import LIVModel
+from factory.threads import torch_threads  # re-exported: tracing runs with few threads (latency-bound)
 
 BATCH = "batch"
 SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Tracing and the tiny batch-2 parity runs are latency-bound: extra intra-op threads only contend (on a
-    busy 2-core machine a 64-wide linear took 30 ms with 2 threads and well under 1 ms with 1)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)

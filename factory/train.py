@@ -12,7 +12,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from factory.errors import FactoryError
 from factory.genome import Genome, GenomeError
 from factory.genome.metrics import static_metrics
 from factory.model import LIVModel
+from factory.threads import torch_threads
 
 LN2 = math.log(2.0)
 
@@ -72,19 +72,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
