@@ -13,12 +13,10 @@ what happens after a shape-guard failure (a warning and parity, never a silently
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from export.graphs import (
 from factory.errors import FactoryError
 from factory.model import LIVModel
 from factory.ops import registry
+from export.quiet import quiet
 
 DEFAULT_OPSET = 18
 # Domains a portable graph may use: the default ONNX domain ("" or its alias "ai.onnx").
@@ -70,21 +69,11 @@ def _dims():
     )
 
 
-@contextlib.contextmanager
 def _quiet():
-    """The exporter prints progress lines and warns about torchvision; keep stdout for --json."""
-    # torch logs every failed guard at ERROR with a full trace; the FactoryError says what failed, once.
-    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    """The exporter prints progress lines and warns about torchvision; keep stdout for --json.
+
+    torch logs every failed guard at ERROR with a full trace; the FactoryError says what failed, once."""
+    return quiet(("torch", "onnxscript", "onnx_ir"), logging.CRITICAL)
 
 
 def capture(module: nn.Module, args: tuple, dynamic_shapes) -> torch.export.ExportedProgram:

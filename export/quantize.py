@@ -18,18 +18,16 @@ float16 uses `onnxruntime.transformers.float16.convert_float_to_float16` with fl
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import platform
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from factory.errors import FactoryError
+from export.quiet import quiet
 
 MODES = ("none", "int8-dynamic", "int8-static", "float16")
 ISAS = ("arm64", "avx2", "avx512_vnni")
@@ -41,24 +39,9 @@ def default_isa() -> str:
     return "arm64" if machine in ("arm64", "aarch64") else "avx2"
 
 
-@contextlib.contextmanager
 def _quiet():
     """optimum and the quantizer log a warning per missing config.json and per node; keep the CLI readable."""
-    loggers = [logging.getLogger(n) for n in ("optimum", "onnxruntime", "root", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    root = logging.getLogger()
-    root_level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        root.setLevel(root_level)
+    return quiet(("optimum", "onnxruntime", "root", "transformers"), logging.ERROR, include_root=True)
 
 
 def preprocess(src: Path, dst: Path) -> Path:
