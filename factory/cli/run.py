@@ -23,12 +23,14 @@ def run_command(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Search, retrain, export, profile and report, for one target. Resumable at every stage."""
-    from factory.job import PRESETS, JobConfig, run_job
+    from factory.job import PRESETS, JobConfig, read_job, run_job
+    from factory.search.progress import RichProgress
 
     if resume is not None:
         if out is not None or target is not None:
             fail("--resume takes the run folder alone (its settings are in job.json)")
-        result = run_job(None, resume, resume=True)
+        progress = RichProgress(generations=PRESETS[read_job(resume).preset].generations)
+        result = run_job(None, resume, resume=True, progress=progress)
     else:
         if out is None:
             fail("--out DIR is required (or --resume DIR)")
@@ -40,7 +42,7 @@ def run_command(
             positive_int(workers, "--workers")
         job = JobConfig(target=target or "laptop-cpu", preset=preset, corpus=corpus, workers=workers,
                         executor=executor, ray_address=ray_address, seed=seed)
-        result = run_job(job, out)
+        result = run_job(job, out, progress=RichProgress(generations=PRESETS[preset].generations))
     if as_json:
         emit_json(result)
     else:
