@@ -55,3 +55,36 @@ def test_features_reflect_architecture(metric):
     assert tpp["state_mb"] > lfm["state_mb"] > 0
     with pytest.raises(ValueError):
         latency_features(refs["rwkv"], "train", 1, 1)
+
+
+def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch):
+    """The product path on real measurements: export + onnxruntime profile of 8 depths of one design, stored in the
+    target's measurement store, then the per-target model fitted from the store and cross-validated."""
+    from dataclasses import replace
+
+    from factory.genome.schema import Genome, LayerGene
+    from factory.model import LIVModel
+    from factory.ops import registry
+    from factory.search.latency import fit_latency_model, measure_model, predict_ms
+    from profiles.store import load_measurements
+    from targets import load_target
+
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    target = replace(load_target("laptop-cpu"), name="test-cpu", threads=1, prompt_length=64, decode_context=64)
+    classes = (registry.default_spec("short_conv").with_(kernel=3), registry.default_spec("glu"))
+
+    def genome(n):
+        layers = tuple(LayerGene(op_class=i % 2) for i in range(n))
+        return Genome(classes=classes, layers=layers, d_model=16, context=64).validate()
+
+    measured = {}
+    for n in range(1, 9):
+        m = measure_model(LIVModel(genome(n)).eval(), target, tmp_path / "work", repeats=5)
+        measured[n] = m["prefill_ms"]["p50"]
+    assert len(load_measurements(target)) == 8
+
+    model = fit_latency_model(target, "prefill")
+    assert model is not None and model.n_samples == 8
+    assert model.accuracy["n"] == 8 and model.accuracy["mean_relative_error"] < 0.35, model.accuracy
+    # deeper is slower, also beyond the measured range
+    assert predict_ms(model, genome(12), target) > predict_ms(model, genome(2), target) > 0
