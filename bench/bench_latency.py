@@ -4,11 +4,11 @@
    them) are exported and measured with onnxruntime under the target's protocol; the per-target latency model is
    cross-validated on them (k-fold: every genome predicted by a model fitted without it). Goal: >= 95% of
    predictions within +-10% (nn-Meter reports 99% on a phone CPU, for CNNs).
-2. repeatability: one export profiled 3 times; spread of p50 (max/min - 1).
+2. repeatability: two exports profiled 3 times each; spread of p50 (max/min - 1).
 3. constraint satisfaction: with --run DIR (a `factory run` folder), the share of its re-measured models that meet
    the target's budgets.
 
-    .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--genomes 24] [--repeats 10] [--run runs/demo]
+    .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 10] [--run runs/demo]
 
 Measurements go to a private store under --out (not the user's), results to --out/latency.json and latency.md.
 """
@@ -23,9 +23,22 @@ import time
 from pathlib import Path
 
 
+FEATURE_SETS = {
+    # what the search's pre-filter uses (factory.genome.features.latency_features)
+    "factory": lambda f: f,
+    # a compact alternative: total and attention layer counts, arithmetic and bytes only
+    "compact": lambda f: {"layers": sum(v for k, v in f.items() if k.startswith("layers_")),
+                          "layers_attention": f.get("layers_attention", 0.0),
+                          **{k: v for k, v in f.items() if not k.startswith("layers_")}},
+}
+QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="laptop-cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="measure with this many intra-op threads instead of the target's (recorded in the results)")
     ap.add_argument("--genomes", type=int, default=24)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d-model", type=int, default=64)
@@ -37,6 +50,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["FACTORY_HOME"] = str((args.out / "home").resolve())  # a private measurement store
 
+    from dataclasses import replace
+
     from factory.genome.features import latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
@@ -45,6 +60,10 @@ def main() -> int:
     from targets import load_target
 
     target = load_target(args.target)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be a positive integer")
+        target = replace(target, threads=args.threads)
     ok, why = representative_here(target)
     if not ok:
         raise SystemExit(f"{target.name} is not measurable on this machine: {why}")
@@ -57,26 +76,43 @@ def main() -> int:
             seen.add(g.hash())
             genomes.append(g)
 
+    # Measured samples are kept in a cache keyed by genome and protocol settings: a rerun with more --genomes
+    # only measures the new ones.
+    cache_path = args.out / "samples.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}"
     samples = []
     t0 = time.time()
     for i, g in enumerate(genomes):
-        m = measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
-        samples.append({"hash": g.hash(), "decode_p95": m["decode_ms"]["p95"], "prefill_p50": m["prefill_ms"]["p50"],
-                        "features": {metric: latency_features(g, metric, target.prompt_length, target.decode_context)
-                                     for metric in ("decode", "prefill")}})
-        print(f"[{i + 1}/{len(genomes)}] {g.hash()} decode p95 {m['decode_ms']['p95']:.3f} ms, "
-              f"prefill p50 {m['prefill_ms']['p50']:.2f} ms", flush=True)
-    accuracy = {
-        "decode_p95": cross_validate("decode", [s["features"]["decode"] for s in samples], [s["decode_p95"] for s in samples]),
-        "prefill_p50": cross_validate("prefill", [s["features"]["prefill"] for s in samples], [s["prefill_p50"] for s in samples]),
-    }
+        key = f"{g.hash()}:{setting}"
+        if key not in cache:
+            m = measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
+            cache[key] = {"hash": g.hash(), "decode_p50": m["decode_ms"]["p50"], "decode_p95": m["decode_ms"]["p95"],
+                          "prefill_p50": m["prefill_ms"]["p50"], "prefill_p95": m["prefill_ms"]["p95"]}
+            tmp = cache_path.with_name(".samples.json.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_path)
+        s = dict(cache[key])
+        s["features"] = {metric: latency_features(g, metric, target.prompt_length, target.decode_context)
+                         for metric in ("decode", "prefill")}
+        samples.append(s)
+        print(f"[{i + 1}/{len(genomes)}] {g.hash()[:10]} decode p50/p95 {s['decode_p50']:.3f}/{s['decode_p95']:.3f} ms, "
+              f"prefill p50 {s['prefill_p50']:.2f} ms", flush=True)
+    accuracy = {}
+    for quantity, metric in QUANTITIES.items():
+        for name, transform in FEATURE_SETS.items():
+            rows = [transform(s["features"][metric]) for s in samples]
+            accuracy[f"{quantity} ({name})"] = cross_validate(metric, rows, [s[quantity] for s in samples])
 
-    # Repeatability: the first genome, profiled three more times.
-
-    repeat = [measure_model(LIVModel(genomes[0]).eval(), target, args.out / "work", repeats=args.repeats)
-              for _ in range(3)]
-    p50s = {k: [r[k]["p50"] for r in repeat] for k in ("decode_ms", "prefill_ms")}
-    spread = {k: max(v) / min(v) - 1.0 for k, v in p50s.items()}
+    # Repeatability: the first two genomes, each profiled three more times.
+    p50s, spread = {}, {}
+    for g in genomes[:2]:
+        repeat = [measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
+                  for _ in range(3)]
+        for k in ("decode_ms", "prefill_ms"):
+            values = [r[k]["p50"] for r in repeat]
+            p50s[f"{g.hash()[:10]} {k}"] = values
+            spread[f"{g.hash()[:10]} {k}"] = max(values) / min(values) - 1.0
 
     satisfaction = None
     if args.run:
@@ -86,13 +122,16 @@ def main() -> int:
         satisfaction = {"models": len(rows), "within_all_budgets": len(met),
                         "share": len(met) / len(rows) if rows else None}
 
-    result = {"target": target.name, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"target": target.name, "threads": target.threads,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
               "genomes": len(samples), "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
               "repeatability_p50": p50s, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Latency loop on {target.name}", "", f"Machine: {result['machine']['platform']}, "
-             f"{result['machine']['cpus']} CPUs. Command: `.venv/bin/python {result['command']}`", "",
+    lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",
+             f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, 1-minute load at the end "
+             f"{load}. Command: `.venv/bin/python {result['command']}`", "",
              "| measure | value |", "|---|---|"]
     for k, a in accuracy.items():
         lines.append(f"| {k}: held-out within +-10% / mean rel. error (n={a['n']}) | "

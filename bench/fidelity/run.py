@@ -32,7 +32,7 @@ import torch
 from factory.data.corpus import load_corpus
 from factory.data.mad import TASKS
 from factory.errors import FactoryError
-from factory.fidelity import kendall_tau, rank_agreement, spearman
+from factory.fidelity import kendall_tau, rank_agreement, spearman, top_overlap
 from factory.genome.metrics import param_count
 from factory.genome.references import reference_genomes
 from factory.genome.space import SearchSpace
@@ -187,6 +187,22 @@ def collect(genomes, corpus, args, cache: Cache) -> dict:
             "goal": {"spearman_at_least": GOAL, "reached": bool(agreement["spearman"] >= GOAL)}}
 
 
+def transfer(other: dict, res: dict) -> dict:
+    """Does a ranking on the other corpus (the search's) hold on this one? Seed-mean bpb of the genomes both runs
+    trained: the other corpus's short budget (what a search there sees) and long budget, each against this corpus's
+    long budget."""
+    theirs = {r["hash"]: r for r in other["genomes"]}
+    out = {"other_corpus": other["config"]["corpus"], "this_corpus": res["config"]["corpus"]}
+    for budget in ("low", "high"):
+        pairs = [(_mean(theirs[r["hash"]][budget]), _mean(r["high"])) for r in res["genomes"] if r["hash"] in theirs]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
+        out[f"other_{budget}_vs_this_high"] = {"n": len(pairs), "spearman": spearman(xs, ys),
+                                               "kendall": kendall_tau(xs, ys),
+                                               "top_quarter": top_overlap(xs, ys, max(1, len(pairs) // 4))}
+    return out
+
+
 def _mean(values) -> float | None:
     v = [x for x in values if x is not None and math.isfinite(x)]
     return sum(v) / len(v) if v else None
@@ -270,6 +286,15 @@ def markdown(res: dict) -> str:
     for r in sorted(res["genomes"], key=lambda r: rank_hi.get(r["hash"], 10**6)):
         lines.append(f"| {r['name']} | `{r['hash'][:10]}` | {r['params']:,} | {_ms(r['low'])} | {_ms(r['high'])} | "
                      f"{rank_lo.get(r['hash'], '-')} | {rank_hi.get(r['hash'], '-')} | {_f(r['mad'])} |")
+    if "transfer" in res:
+        t = res["transfer"]
+        lines += ["", f"## Transfer from corpus `{t['other_corpus']}` to `{t['this_corpus']}`", "",
+                  f"Seed-mean bpb of the same genomes on both corpora, against this corpus's {hi:,}-token budget.", "",
+                  "| ranking on the other corpus | n | Spearman | Kendall tau-b | best-quarter overlap |",
+                  "|---|---|---|---|---|"]
+        for budget, label in (("low", f"{lo:,} tokens (what the search sees)"), ("high", f"{hi:,} tokens")):
+            x = t[f"other_{budget}_vs_this_high"]
+            lines.append(f"| {label} | {x['n']} | {_f(x['spearman'])} | {_f(x['kendall'])} | {_f(x['top_quarter'], 2)} |")
     jobs, m = res["jobs"], res["machine"]
     lines += [
         "",
@@ -313,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mad-n-train", type=int, default=256)
     ap.add_argument("--mad-tasks", default=",".join(TASKS), help="comma-separated subset of the MAD tasks")
     ap.add_argument("--report-only", action="store_true", help="write the report from the cache, train nothing")
+    ap.add_argument("--compare-with", type=Path, default=None,
+                    help="the --out folder of a run on another corpus: does the ranking transfer between corpora?")
     args = ap.parse_args(argv)
     args.mad_tasks = [t for t in args.mad_tasks.split(",") if t]
     unknown = [t for t in args.mad_tasks if t not in TASKS]
@@ -345,6 +372,11 @@ def main(argv=None) -> int:
     res = collect(genomes, corpus, args, cache)
     res.update(config=config, machine=info, command=command, jobs=counts, wall_s=round(time.perf_counter() - t0, 1),
                training_commands=[c for c in Cache.lines(log) if c.get("settings") == settings])
+    if args.compare_with is not None:
+        other = args.compare_with / "results.json"
+        if not other.is_file():
+            ap.error(f"--compare-with {args.compare_with}: no results.json there (run the benchmark into it first)")
+        res["transfer"] = transfer(json.loads(other.read_text()), res)
     (args.out / "results.json").write_text(json.dumps(no_nan(res), indent=2, default=str))
     md_path = args.markdown or args.out / "results.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)

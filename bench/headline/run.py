@@ -72,7 +72,14 @@ def run_factory(args) -> dict:
 
 
 def _fmt_ratio(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.3f}x"  # a pure-recurrent cache is a few KiB against MiB
+
+
+def _less(ratio: float, word: str) -> str:
+    """0.34 -> '66% less'; 1.24 -> '24% more' (a ratio above 1 is no saving and is said so)."""
+    return f"{1 - ratio:.1%} {word}" if ratio <= 1 else f"{ratio - 1:.0%} more"
 
 
 def _ms(x) -> str:
@@ -146,16 +153,19 @@ def markdown(out: Path, info: dict) -> str:
             f"{_fmt_ratio(ratio(r, 'params'))} / {_fmt_ratio(ratio(r, 'cache_bytes'))} / "
             f"{_fmt_ratio(ratio(r, 'prefill_ms_p50'))} / {_fmt_ratio(ratio(r, 'decode_ms_p50'))} |")
     names = {m["hash"]: m["name"] for m in models}
-    lines += ["", "Each evolved model against each baseline (a quality gap within the larger seed std is a tie):", "",
+    lines += ["", "Layers (operator family per layer, input to output):", ""]
+    lines += [f"- {m['name'][:20]} ({m['role']}): {', '.join(m['layers'])}" for m in models]
+    lines += ["", "Each evolved model against each baseline (bpb difference = baseline - evolved, so positive means the "
+              "evolved model is better; a difference within the larger seed std is a tie):", "",
               "| evolved | baseline | bpb difference | seed spread | verdict | cache ratio | params ratio |",
               "|---|---|---|---|---|---|---|"]
     for c in final["comparisons"]:
         lines.append(f"| {names.get(c['evolved'], c['evolved'])[:20]} | {c['baseline']} | "
                      f"{c['quality_difference']:+.4f} | {c['spread']:.4f} | {c['verdict']} | "
-                     f"{c['cache_ratio']:.2f} | {c['params_ratio']:.2f} |")
+                     f"{_fmt_ratio(c['cache_ratio'])} | {_fmt_ratio(c['params_ratio'])} |")
     lines += ["", "## Headline", ""]
     for baseline in ("transformer++", "striped-hybrid"):
-        ok = [c for c in final["comparisons"] if c["baseline"] == baseline and c["verdict"] in ("win", "tie")]
+        ok = [c for c in final["comparisons"] if c["baseline"] == baseline and c["verdict"] in ("better", "tie")]
         if not ok:
             lines.append(f"- vs {baseline}: no evolved model reached equal or better quality.")
             continue
@@ -163,10 +173,12 @@ def markdown(out: Path, info: dict) -> str:
         best_params = min(ok, key=lambda c: c["params_ratio"])
         lines.append(
             f"- vs {baseline}, at equal or better quality ({len(ok)} of "
-            f"{sum(c['baseline'] == baseline for c in final['comparisons'])} evolved models): down to "
-            f"{1 - best_cache['cache_ratio']:.0%} less cache ({names[best_cache['evolved']]}, "
-            f"{best_cache['verdict']}) and {1 - best_params['params_ratio']:.0%} fewer parameters "
-            f"({names[best_params['evolved']]}, {best_params['verdict']}).")
+            f"{sum(c['baseline'] == baseline for c in final['comparisons'])} evolved models): the lowest cache is "
+            f"{_fmt_ratio(best_cache['cache_ratio'])} of {baseline}'s ({_less(best_cache['cache_ratio'], 'less')} cache, "
+            f"{names[best_cache['evolved']]}, {best_cache['verdict']}, at {_fmt_ratio(best_cache['params_ratio'])} "
+            f"the parameters); the fewest parameters are {_fmt_ratio(best_params['params_ratio'])} "
+            f"({_less(best_params['params_ratio'], 'fewer')} parameters, {names[best_params['evolved']]}, "
+            f"{best_params['verdict']}).")
     lines += [f"- Verdict of the run: {final['verdict']}", "", f"For scale: {STAR}", ""]
     return "\n".join(lines)
 
