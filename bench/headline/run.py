@@ -118,7 +118,8 @@ def markdown(out: Path, info: dict) -> str:
         span = (out / "report.json").stat().st_mtime - created
         lines.append(f"- From the run's creation to its last report: {span / 60:.1f} min (all invocations, any pauses).")
     for rec in timing:
-        lines.append(f"- `{rec['command']}`: {rec['wall_s'] / 60:.1f} min wall, 1-minute load average "
+        command = rec["command"].replace(str(out.resolve()), os.path.relpath(out.resolve()))  # no machine paths
+        lines.append(f"- `{command}`: {rec['wall_s'] / 60:.1f} min wall, 1-minute load average "
                      f"{rec['load_1min_before']:.1f} before, {rec['load_1min_after']:.1f} after.")
     lines += [
         "",
@@ -179,7 +180,15 @@ def markdown(out: Path, info: dict) -> str:
             f"the parameters); the fewest parameters are {_fmt_ratio(best_params['params_ratio'])} "
             f"({_less(best_params['params_ratio'], 'fewer')} parameters, {names[best_params['evolved']]}, "
             f"{best_params['verdict']}).")
-    lines += [f"- Verdict of the run: {final['verdict']}", "", f"For scale: {STAR}", ""]
+    lines += [f"- Verdict of the run: {final['verdict']}", "", f"For scale: {STAR}", "",
+              "## Caveats", "",
+              f"- Every model here trained for {final['tokens']:,} tokens. At so small a budget, models that learn "
+              "fast (recurrences, convolutions) lead models that learn slowly (softmax attention), so quality gaps "
+              "are larger than they would be after long training; `bench/fidelity/RESULTS.md` measures how far "
+              "rankings at one budget hold at ten times that budget.",
+              f"- {len(final['seeds'])} seeds per model; the tie rule above decides what counts as a difference.",
+              "- Latencies were measured on this machine, which may have fewer cores than the target names "
+              "(the profiler records oversubscription), with the load averages listed above.", ""]
     return "\n".join(lines)
 
 
