@@ -51,7 +51,10 @@ def _print_front(result: dict, title: str) -> None:
         + ("" if result.get("complete") else " (incomplete)"))
     shown = {"quality", "params", "cache"}  # already in the val bpb / params / cache columns
     extra = [o for o in result["objectives"] if o not in shown]
-    table = Table(title=f"Pareto front ({len(result['front'])}): layers {_LEGEND}")
+    at = ""
+    if result.get("fidelity") and result["front"]:  # successive halving: the front holds top-rung results only
+        at = f", rung {result['front'][0]['rung']}: {result['front'][0]['tokens']:,} tokens"
+    table = Table(title=f"Pareto front ({len(result['front'])}{at}): layers {_LEGEND}")
     for col in ("hash", "origin", "layers", "params", "cache bytes", "val bpb", *extra):
         table.add_column(col, justify="right" if col not in ("hash", "origin", "layers") else "left",
                          no_wrap=col == "hash")
@@ -79,7 +82,9 @@ def search(
     max_memory_bytes: Optional[str] = typer.Option(None, "--max-memory-bytes", help="Budget: estimated inference peak memory (e.g. 8MiB)."),
     population: Optional[int] = typer.Option(None, "--population", help="Population size (default 16)."),
     generations: Optional[int] = typer.Option(None, "--generations", help="Generations including the initial one (default 18); with --resume, a larger number extends the run."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens per candidate (default 200000)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens per candidate (default 200000); with --rungs, the first rung's."),
+    rungs: Optional[int] = typer.Option(None, "--rungs", help="Successive halving: how many token budgets, tokens * eta^k for k < rungs (default 1: off)."),
+    eta: Optional[int] = typer.Option(None, "--eta", help="With --rungs: the best 1/eta of a rung train again on eta times the tokens (default 3)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default 128)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 3e-3)."),
@@ -156,12 +161,15 @@ def _build_config(opts: dict):
         settings.update({k: t[k] for k in ("target", "target_fingerprint", "objectives", "metrics_context", "dtype")})
         budgets.update({k: t[k] for k in budgets})
     flag_map = {"layers": "n_layers", "d_model": "d_model", "context": "context", "population": "population",
-                "generations": "generations", "tokens": "tokens", "seq_len": "seq_len", "batch_size": "batch_size",
+                "generations": "generations", "tokens": "tokens", "rungs": "rungs", "eta": "eta",
+                "seq_len": "seq_len", "batch_size": "batch_size",
                 "lr": "lr", "seed": "seed", "workers": "workers", "executor": "executor", "ray_address": "ray_address",
                 "corpus": "corpus"}
     for flag, key in flag_map.items():
         if opts[flag] is not None:
             settings[key] = opts[flag]
+    if opts["eta"] is not None and (opts["rungs"] or 1) < 2:
+        fail(f"--eta {opts['eta']} only matters with successive halving: add --rungs 2 or more")
     if opts["preset"] is None and opts["seq_len"] is None:
         settings["seq_len"] = 0  # min(128, context)
     if opts["objectives"] is not None:

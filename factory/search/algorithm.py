@@ -9,6 +9,15 @@ hash, run in parallel and resumable, so the loop is ours (see `run.py`) and this
 Constraint domination: a member's violation is its relative excess over the budgets (always 0 here, since
 over-budget genomes are repaired or rejected before training) plus 1 when its evaluation failed (diverged, OOM,
 error). Feasible members are ranked by Pareto rank and crowding; infeasible ones only fill what is left.
+
+Successive halving (multi-fidelity, `SearchConfig.rungs`): a member's objectives are its result at the highest rung
+it reached, and members are ranked by that rung first, Pareto rank second (lexicographically): a member that
+reached a higher rung ranks ahead of every member that stopped below it, and Pareto dominance and crowding only
+compare members of the same rung. Why: val bpb after 3x the tokens is on another scale than after 1x (lower), so
+comparing the two as if equal would either favour promoted members by an arbitrary margin or let an unpromoted
+member's noisy short-budget score displace one that won its promotion like with like. `_objective_matrix`
+implements the tiers by shifting every objective of a lower-rung member past the pool's whole range, so pymoo's
+non-dominated sorting, crowding and tournaments work unchanged (within a rung the shift is a constant).
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class Member:
     rank: int = UNRANKED
     crowding: float = 0.0
     origin: str = ""
+    rung: int = 0  # successive-halving rung of the result in F (0 without multi-fidelity)
 
     @property
     def feasible(self) -> bool:
@@ -66,8 +76,24 @@ def member_violation(status: str, F: list[float], budget_violation: float = 0.0)
     return budget_violation + (FAILED_VIOLATION if failed else 0.0)
 
 
-def _population(members: list[Member]) -> Population:
+def _objective_matrix(members: list[Member]) -> np.ndarray:
+    """Objectives as NSGA-II sees them: F, with every objective of a member `d` rungs below the pool's highest rung
+    raised by d * (the pool's range of that objective + 1), so that any higher-rung member dominates it (see the
+    module docstring). All members at one rung: F unchanged."""
     F = np.array([[f if math.isfinite(f) else np.inf for f in m.F] for m in members], dtype=float)
+    rungs = np.array([m.rung for m in members], dtype=int)
+    if len(members) == 0 or rungs.min() == rungs.max():
+        return F
+    span = np.ones(F.shape[1])
+    for j in range(F.shape[1]):
+        col = F[np.isfinite(F[:, j]), j]
+        if len(col):
+            span[j] += col.max() - col.min()
+    return F + (rungs.max() - rungs)[:, None] * span[None, :]
+
+
+def _population(members: list[Member]) -> Population:
+    F = _objective_matrix(members)
     G = np.array([[m.violation] for m in members], dtype=float)
     return Population.new(X=np.arange(len(members))[:, None], F=F, G=G)
 
@@ -178,15 +204,15 @@ class NSGA2:
 
     def survive(self, pool: list[Member], n: int, rng: np.random.Generator) -> list[Member]:
         """(mu + lambda) NSGA-II survival with constraint domination, plus explicit elitism: the `elitism` best
-        members on the first objective always survive (crowding truncation could otherwise drop them when more
-        than `n` members share the first front)."""
+        members on the first objective (among those at the highest rung) always survive (crowding truncation could
+        otherwise drop them when more than `n` members share the first front)."""
         if not pool:
             return []
         pop = _population(pool)
         chosen = list(RankAndCrowding().do(self._pm_problem, pop, n_survive=min(n, len(pool)),
                                            return_indices=True, random_state=rng))
         feasible = [i for i, m in enumerate(pool) if m.feasible]
-        elites = sorted(feasible, key=lambda i: (pool[i].F, pool[i].hash))[: self.elitism]
+        elites = sorted(feasible, key=lambda i: (-pool[i].rung, pool[i].F, pool[i].hash))[: self.elitism]
         for e in elites:
             if e not in chosen:
                 for j in range(len(chosen) - 1, -1, -1):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.genome.schema import Genome
 from factory.search.config import SearchConfig
-from factory.search.outputs import atomic_write, feasible_rows, front_rows
+from factory.search.outputs import atomic_write, feasible_rows, front_rows, reached_rows
 from factory.search.store import Store
 
 MOTIF_LENGTHS = (2, 3)
@@ -100,13 +100,13 @@ def _enrichment(front: dict, everyone: dict) -> dict:
 
 
 def analyse(store: Store, config: SearchConfig) -> dict:
-    rows = store.evaluations(config.train_config_hash())
-    ok = feasible_rows(rows)
+    rows = store.evaluations(config.rung_hashes())
+    ok = feasible_rows(reached_rows(rows))  # each genome once (at the highest rung it reached)
     front = front_rows(rows, list(config.objectives))
     last = store.last_generation()
     final_pop = []
     if last is not None:
-        by_hash = {r["hash"]: r for r in rows}
+        by_hash = {r["hash"]: r for r in reached_rows(rows)}
         final_pop = [by_hash[p["hash"]] for p in store.population(last) if p["hash"] in by_hash]
     groups = {
         "front": group_stats([Genome.from_dict(r["genome"]) for r in front]),

@@ -102,6 +102,10 @@ class SearchConfig:
     corpus: str | None = None  # None: the embedded default corpus
     corpus_sha256: str = ""
     tokens: int = DEFAULTS["tokens"]
+    # successive halving (multi-fidelity): every offspring trains on `tokens`, the best 1/eta of a generation's
+    # offspring by val bpb train again on tokens * eta, and so on for `rungs` budgets. rungs = 1: off.
+    rungs: int = 1
+    eta: int = 3
     seq_len: int = 0  # 0: min(128, context)
     batch_size: int = DEFAULTS["batch_size"]
     lr: float = DEFAULTS["lr"]
@@ -129,10 +133,27 @@ class SearchConfig:
         return TrainConfig(tokens=tokens or self.tokens, seq_len=self.seq_len, batch_size=self.batch_size,
                            lr=self.lr, seed=self.seed if seed is None else seed, eval_windows=self.eval_windows)
 
-    def train_config_hash(self) -> str:
-        """Identifies how candidates are evaluated: a stored result is reused only under the same hash."""
+    @property
+    def fidelity(self) -> bool:
+        return self.rungs > 1
+
+    def rung_budgets(self) -> list[int]:
+        """Training tokens of each rung, smallest first: tokens * eta^k for k = 0 .. rungs - 1."""
+        if not self.fidelity:
+            return [self.tokens]
+        from factory.fidelity import rungs
+
+        return rungs(self.tokens, self.tokens * self.eta ** (self.rungs - 1), self.eta)
+
+    def rung_hashes(self) -> list[str]:
+        """The train config hash of each rung (rung 0's is `train_config_hash()`)."""
+        return [self.train_config_hash(tokens) for tokens in self.rung_budgets()]
+
+    def train_config_hash(self, tokens: int | None = None) -> str:
+        """Identifies how candidates are evaluated: a stored result is reused only under the same hash. `tokens`
+        (a rung's budget) defaults to the run's `tokens`, so every rung of a multi-fidelity run has its own hash."""
         blob = {
-            "train": {k: v for k, v in self.train_config().to_dict().items() if k != "threads"},
+            "train": {k: v for k, v in self.train_config(tokens=tokens).to_dict().items() if k != "threads"},
             "corpus": self.corpus_sha256,
             "objectives": list(self.objectives),
             "mad_steps": self.mad_steps if "mad" in self.objectives else None,
@@ -151,6 +172,13 @@ class SearchConfig:
             flag = "--" + {"n_layers": "layers"}.get(name, name).replace("_", "-")
             need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                  f"{flag} must be a positive integer, got {value}")
+        need(isinstance(self.rungs, int) and not isinstance(self.rungs, bool) and 1 <= self.rungs <= 8,
+             f"--rungs must be an integer from 1 (off) to 8, got {self.rungs}")
+        need(isinstance(self.eta, int) and not isinstance(self.eta, bool) and self.eta >= 2,
+             f"--eta must be an integer of at least 2, got {self.eta}")
+        need(not self.fidelity or "quality" in self.objectives,
+             f"--rungs {self.rungs} promotes candidates by val bpb: the objectives must include quality "
+             f"(got {','.join(self.objectives)})")
         need(self.population >= 2, f"--population must be at least 2, got {self.population}")
         need(self.seq_len <= self.context, f"--seq-len {self.seq_len} exceeds --context {self.context}")
         need(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr),

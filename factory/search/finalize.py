@@ -119,7 +119,7 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
         raise FactoryError(f"finalize retrains models, but this run has no trained quality objective "
                            f"(objectives: {', '.join(config.objectives)})")
     with DirLock(out), Store(out / "search.db") as store:
-        front = front_rows(store.evaluations(config.train_config_hash()), list(config.objectives))
+        front = front_rows(store.evaluations(config.rung_hashes()), list(config.objectives))
         if not front:
             raise FactoryError(f"{out}: no feasible evaluation yet, nothing to finalize")
         front = sorted(front, key=lambda r: (r["objectives"][q_name], r["hash"]))[:top_k]

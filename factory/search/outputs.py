@@ -64,9 +64,40 @@ def feasible_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r["violation"] <= 0]
 
 
+def reached_rows(rows: list[dict]) -> list[dict]:
+    """One row per genome: its result at the highest rung it reached (the first stored on a tie), in commit order.
+    Without successive halving every genome has one row and this is `rows`."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["hash"] not in best or r["rung"] > best[r["hash"]]["rung"]:
+            best[r["hash"]] = r
+    chosen = {id(r) for r in best.values()}
+    return [r for r in rows if id(r) in chosen]
+
+
+def comparable_rows(rows: list[dict]) -> list[dict]:
+    """The feasible results the front, the best values and the hypervolume are formed from: each genome at the
+    highest rung it reached, kept only if that is the highest rung any feasible genome reached. Scores at different
+    token budgets are not on one scale (bpb falls with training), so they are never compared with each other; the
+    genomes that lost a promotion rank behind the ones that won it (see `algorithm`, survival by rung)."""
+    ok = feasible_rows(reached_rows(rows))
+    top = max((r["rung"] for r in ok), default=0)
+    return [r for r in ok if r["rung"] == top]
+
+
+def rows_of_run(store: Store, config: SearchConfig) -> list[dict]:
+    """Every evaluation of this run, all rungs, in commit order."""
+    return store.evaluations(config.rung_hashes())
+
+
+def row_tokens(row: dict, config: SearchConfig) -> int:
+    """Training tokens behind a row (rows from before the rung columns did not record them: the rung's budget)."""
+    return row["tokens"] if row.get("tokens") is not None else config.rung_budgets()[row["rung"]]
+
+
 def front_rows(rows: list[dict], objectives: list[str]) -> list[dict]:
-    """The non-dominated feasible evaluations (the run's archive front), best first on the first objective."""
-    ok = feasible_rows(rows)
+    """The non-dominated comparable evaluations (the run's archive front), best first on the first objective."""
+    ok = comparable_rows(rows)
     if not ok:
         return []
     F = np.array([[r["objectives"][o] for o in objectives] for r in ok], dtype=float)
@@ -74,13 +105,15 @@ def front_rows(rows: list[dict], objectives: list[str]) -> list[dict]:
     return sorted(front, key=lambda r: ([r["objectives"][o] for o in objectives], r["hash"]))
 
 
-def member_summary(row: dict, objectives: list[str], with_genome: bool = True) -> dict:
+def member_summary(row: dict, objectives: list[str], with_genome: bool = True, tokens: int | None = None) -> dict:
     static = row["static"]
     out = {
         "hash": row["hash"],
         "name": row["name"],
         "origin": row["origin"],
         "generation": row["generation"],
+        "rung": row["rung"],  # the objectives and val_bpb below are this rung's
+        "tokens": tokens if tokens is not None else row.get("tokens"),
         "objectives": {o: row["objectives"].get(o) for o in objectives},
         "params": static["params"],
         "cache_bytes": static["cache_bytes"],
@@ -98,11 +131,15 @@ def member_summary(row: dict, objectives: list[str], with_genome: bool = True) -
 
 def summary(store: Store, config: SearchConfig, with_genomes: bool = False) -> dict:
     """What `factory search status` reports (and what a finished run returns)."""
-    tch = config.train_config_hash()
-    rows = store.evaluations(tch)
+    rows = rows_of_run(store, config)
     gens = store.generations()
     objectives = list(config.objectives)
     last = gens[-1] if gens else None
+    fidelity = {}
+    if config.fidelity:
+        fidelity = {"fidelity": {"eta": config.eta, "rungs": [
+            {"rung": k, "tokens": t, "evaluated": sum(1 for r in rows if r["rung"] == k and r["status"] != "rejected")}
+            for k, t in enumerate(config.rung_budgets())]}}
     return {
         "evaluated": sum(1 for r in rows if r["status"] != "rejected"),
         "failed": sum(1 for r in rows if r["status"] in FAILED_STATUSES),
@@ -113,7 +150,9 @@ def summary(store: Store, config: SearchConfig, with_genomes: bool = False) -> d
         and last["generation"] >= config.generations - 1,
         "hypervolume": last["hypervolume"] if last else None,
         "objectives": objectives,
-        "front": [member_summary(r, objectives, with_genomes) for r in front_rows(rows, objectives)],
+        **fidelity,
+        "front": [member_summary(r, objectives, with_genomes, row_tokens(r, config))
+                  for r in front_rows(rows, objectives)],
     }
 
 
@@ -123,7 +162,9 @@ def write_pareto(out: Path, store: Store, config: SearchConfig) -> dict:
         "format": "factory-search-pareto-1",
         "run": {"seed": config.seed, "train_config_hash": config.train_config_hash(),
                 "metrics_context": config.context_for_metrics, "dtype": config.dtype,
-                "budgets": config.budgets.to_dict(), "target": config.target},
+                "budgets": config.budgets.to_dict(), "target": config.target,
+                **({"rung_tokens": config.rung_budgets(), "rung_train_config_hashes": config.rung_hashes(),
+                    "eta": config.eta} if config.fidelity else {})},
         **data,
         "hypervolume_by_generation": [
             {"generation": g["generation"], "hypervolume": g["hypervolume"]} for g in store.generations()
@@ -135,16 +176,18 @@ def write_pareto(out: Path, store: Store, config: SearchConfig) -> dict:
 
 def write_evaluations_csv(out: Path, store: Store, config: SearchConfig) -> None:
     objectives = list(config.objectives)
-    cols = ["id", "hash", "name", "origin", "generation", "status", "reason", *[f"obj_{o}" for o in objectives],
+    cols = ["id", "hash", "name", "origin", "generation", "rung", "tokens", "status", "reason",
+            *[f"obj_{o}" for o in objectives],
             "params", "cache_bytes", "flops_decode_per_token", "peak_memory_bytes", "val_bpb", "violation",
             "layers", "seed", "train_config_hash", "wall_s"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
-    for r in store.evaluations(config.train_config_hash()):
+    for r in rows_of_run(store, config):
         s = r["static"]
         w.writerow([
-            r["id"], r["hash"], r["name"], r["origin"], r["generation"], r["status"], r["reason"],
+            r["id"], r["hash"], r["name"], r["origin"], r["generation"], r["rung"], row_tokens(r, config),
+            r["status"], r["reason"],
             *[_num(r["objectives"].get(o)) for o in objectives],
             s["params"], s["cache_bytes"], s["flops_decode_per_token"], s["peak_memory_bytes"],
             _num(r["measurements"].get("train", {}).get("val_bpb")), r["violation"],

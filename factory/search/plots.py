@@ -1,8 +1,9 @@
 """Pareto plots (PNG, matplotlib Agg): quality vs decode cache and quality vs parameters.
 
 Every feasible evaluation is a grey dot, the 2-D non-dominated set of each plot is the red staircase, references
-(as adapted to the space) are labelled. Quality is val_bpb when the run trains on the corpus, 1 - MAD accuracy for
-a MAD run, otherwise the first objective.
+(as adapted to the space) are labelled. With successive halving only the results at the highest rung are drawn
+(`outputs.comparable_rows`): bpb after different token budgets does not share an axis. Quality is val_bpb when the
+run trains on the corpus, 1 - MAD accuracy for a MAD run, otherwise the first objective.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from factory.search.algorithm import non_dominated
 from factory.search.config import SearchConfig
-from factory.search.outputs import feasible_rows
+from factory.search.outputs import comparable_rows, rows_of_run, row_tokens
 from factory.search.store import Store
 
 PLOTS = (("cache_bytes", "decode cache at {ctx} tokens (bytes)", "pareto_quality_cache.png"),
@@ -33,7 +34,7 @@ def write_plots(out: Path, store: Store, config: SearchConfig, references=()) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = feasible_rows(store.evaluations(config.train_config_hash()))
+    rows = comparable_rows(rows_of_run(store, config))
     q_name, q_label = quality_axis(config)
     written = []
     for metric, x_label, filename in PLOTS:
@@ -41,7 +42,8 @@ def write_plots(out: Path, store: Store, config: SearchConfig, references=()) ->
         if rows:
             x = np.array([float(r["static"][metric]) for r in rows])
             y = np.array([float(r["objectives"][q_name]) for r in rows])
-            ax.scatter(x, y, s=14, c="0.65", label=f"evaluated ({len(rows)})", zorder=1)
+            at = f" at {row_tokens(rows[0], config):,} tokens" if config.fidelity else ""
+            ax.scatter(x, y, s=14, c="0.65", label=f"evaluated{at} ({len(rows)})", zorder=1)
             front = non_dominated(np.column_stack([y, x]))
             order = front[np.argsort(x[front])]
             ax.step(x[order], y[order], where="post", c="tab:red", lw=1.2, zorder=2)

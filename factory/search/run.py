@@ -4,6 +4,12 @@ Determinism: every random choice comes from a generator seeded by (seed, generat
 of each finished generation is in the database and offspring are consumed in the order they were proposed, so a
 resumed run proposes exactly the children the uninterrupted run would have, finds the ones already evaluated in
 the database and evaluates only the rest.
+
+Successive halving (`SearchConfig.rungs` > 1): a generation's offspring are all trained at rung 0 (the run's token
+budget); the best 1/eta of them by val bpb (`factory.fidelity.promote`) train again at rung 1 (tokens * eta), the best
+1/eta of those at rung 2, and so on. Each rung's result is its own row (its own train config hash, with its rung
+index and tokens), committed as it finishes; promotions are recomputed from the stored rows of the rung below, so a
+resumed run promotes exactly the candidates the uninterrupted one did and trains only the rung results not stored.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from factory.errors import FactoryError
+from factory.fidelity import promote
 from factory.genome.schema import Genome
 from factory.search.algorithm import NSGA2, Candidate, Member, hv_bounds, hypervolume, member_violation
 from factory.search.config import RUN_FORMAT, SearchConfig
 from factory.search.executors import make_executor
 from factory.search.objectives import EvalRecord, stage_path
 from factory.search.operators import BudgetRepair, LayerClassCrossover, PerGeneMutation, RandomSampling, SpaceRepair
-from factory.search.outputs import (FAILED_STATUSES, atomic_write, feasible_rows, summary, write_evaluations_csv,
-                                    write_hypervolume_csv, write_pareto)
+from factory.search.outputs import (FAILED_STATUSES, atomic_write, comparable_rows, feasible_rows, summary,
+                                    write_evaluations_csv, write_hypervolume_csv, write_pareto)
 from factory.search.problem import ArchitectureProblem
 from factory.search.progress import Progress
 from factory.search.seeding import adapted_references, cheapest_probes
@@ -94,6 +101,14 @@ def prepare_new_dir(out: Path) -> None:
         raise FactoryError(f"--out {out}: directory is not writable ({e.strerror or e})") from None
 
 
+def ladder_sizes(n: int, eta: int, rungs: int) -> list[int]:
+    """How many of n offspring train at each rung when every promotion keeps the best n // eta (at least one)."""
+    sizes = [n]
+    for _ in range(rungs - 1):
+        sizes.append(max(1, sizes[-1] // eta))
+    return sizes
+
+
 class DirLock:
     """One process per run directory (an advisory lock the kernel releases when the process dies, even kill -9)."""
 
@@ -148,7 +163,8 @@ class SearchRun:
         self.progress = progress or Progress()
         self.problem = ArchitectureProblem.from_config(config)
         self.algorithm = build_algorithm(config, self.problem)
-        self.tch = config.train_config_hash()
+        self.budgets = config.rung_budgets()  # training tokens per rung (one rung without multi-fidelity)
+        self.tchs = config.rung_hashes()  # train config hash per rung; rung 0's is config.train_config_hash()
         self.store = Store(self.out / "search.db")
         self.executor = None
         self.stages = self.problem.stages
@@ -156,7 +172,7 @@ class SearchRun:
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _counts(self) -> dict:
-        rows = self.store.evaluations(self.tch)
+        rows = self.store.evaluations(self.tchs)
         return {
             "done": sum(1 for r in rows if r["status"] != "rejected"),
             "failed": sum(1 for r in rows if r["status"] in FAILED_STATUSES),
@@ -164,7 +180,7 @@ class SearchRun:
         }
 
     def _best(self) -> dict:
-        rows = feasible_rows(self.store.evaluations(self.tch))
+        rows = comparable_rows(self.store.evaluations(self.tchs))
         return {o: min((r["objectives"][o] for r in rows), default=math.nan) for o in self.config.objectives}
 
     def _report(self, generation: int, note: str = "") -> None:
@@ -172,29 +188,30 @@ class SearchRun:
         hv = gens[-1]["hypervolume"] if gens else math.nan
         self.progress.update(generation=generation, best=self._best(), hypervolume=hv, note=note, **self._counts())
 
-    def _settings(self) -> dict:
+    def _settings(self, rung: int = 0) -> dict:
         c = self.config
         return {
-            "train": {k: v for k, v in c.train_config().to_dict().items() if k != "threads"},
+            "train": {k: v for k, v in c.train_config(tokens=self.budgets[rung]).to_dict().items() if k != "threads"},
             "corpus": c.corpus, "corpus_sha256": c.corpus_sha256, "mad_steps": c.mad_steps,
             "metrics_context": c.context_for_metrics, "dtype": c.dtype, "target": c.target,
             "workdir": str(self.out / "work"),
         }
 
-    def _row_kwargs(self, genome: Genome, candidate: Candidate, generation: int) -> dict:
-        return dict(hash=candidate.hash, train_config_hash=self.tch, generation=generation,
-                    origin=candidate.origin, name=genome.name, genome=genome.to_dict(), seed=self.config.seed)
+    def _row_kwargs(self, genome: Genome, candidate: Candidate, generation: int, rung: int = 0) -> dict:
+        return dict(hash=candidate.hash, train_config_hash=self.tchs[rung], generation=generation, rung=rung,
+                    tokens=self.budgets[rung], origin=candidate.origin, name=genome.name, genome=genome.to_dict(),
+                    seed=self.config.seed)
 
     def _on_reject(self, generation: int):
         def record(genome: Genome, check, origin: str) -> None:
-            if self.store.find(genome.hash(), self.tch) is None:
+            if self.store.find(genome.hash(), self.tchs[0]) is None:
                 self.store.add_evaluation(
                     **self._row_kwargs(genome, Candidate(genome, origin), generation),
                     status="rejected", reason=f"over budget: {check.reason}", objectives={},
                     violation=check.violation, static=check.static, measurements={}, wall_s=0.0, timings={})
         return record
 
-    def _commit(self, candidate: Candidate, generation: int, result: dict) -> None:
+    def _commit(self, candidate: Candidate, generation: int, result: dict, rung: int = 0) -> None:
         genome = candidate.genome
         static = self.problem.static(genome)
         record = EvalRecord(candidate.hash, result["status"], result["reason"], static, result["measurements"])
@@ -205,7 +222,7 @@ class SearchRun:
             status, reason = "error", f"objective {bad[0]} is not finite"
         budget_violation = self.problem.check(genome).violation  # 0: it was admitted within the budgets
         self.store.add_evaluation(
-            **self._row_kwargs(genome, candidate, generation), status=status, reason=reason,
+            **self._row_kwargs(genome, candidate, generation, rung), status=status, reason=reason,
             objectives=dict(zip(self.config.objectives, F)), violation=member_violation(status, F, budget_violation),
             static=static, measurements=result["measurements"], wall_s=result.get("wall_s", 0.0),
             timings=result.get("timings", {}))
@@ -213,44 +230,68 @@ class SearchRun:
     def _member(self, row: dict, rank: int | None = None, crowding: float | None = None) -> Member:
         m = Member(hash=row["hash"], genome=Genome.from_dict(row["genome"]),
                    F=[float(row["objectives"].get(o, math.inf)) for o in self.config.objectives],
-                   violation=float(row["violation"]), status=row["status"], origin=row["origin"])
+                   violation=float(row["violation"]), status=row["status"], origin=row["origin"], rung=row["rung"])
         if rank is not None:
             m.rank, m.crowding = rank, (math.inf if crowding is None else crowding)
         return m
 
     # -- evaluation ----------------------------------------------------------------------------------------------
+    def _reached(self, genome_hash: str) -> dict:
+        """A genome's stored result at the highest rung it reached."""
+        return self.store.find_highest(genome_hash, self.tchs)
+
     def _evaluate(self, generation: int, candidates: list[Candidate]) -> list[Member]:
         self.store.save_offspring(generation, candidates)
+        pool = list(candidates)
+        for rung in range(len(self.budgets)):
+            if rung > 0:
+                pool = self._promoted(pool, rung - 1)
+            self._evaluate_rung(generation, pool, rung)
+        return [self._member(self._reached(c.hash)) for c in candidates]
+
+    def _promoted(self, pool: list[Candidate], rung: int) -> list[Candidate]:
+        """The candidates of `pool` that advance past `rung`: the best 1/eta (at least one) of the pool by val bpb
+        at that rung. Failed results rank last and never advance. Decided from stored rows only, so a resumed run
+        promotes the same candidates; they keep their proposal order."""
+        def score(row: dict) -> float:
+            return row["objectives"]["quality"] if row["status"] == "ok" and row["violation"] <= 0 else math.inf
+
+        scores = {c.hash: score(self.store.find(c.hash, self.tchs[rung])) for c in pool}
+        winners = set(promote(list(scores.items()), eta=self.config.eta))
+        return [c for c in pool if c.hash in winners and math.isfinite(scores[c.hash])]
+
+    def _evaluate_rung(self, generation: int, candidates: list[Candidate], rung: int) -> None:
+        """Evaluate at `rung`'s budget the candidates with no stored result there, committing each as it finishes."""
         todo: list[tuple[int, dict]] = []
         for i, c in enumerate(candidates):
-            if self.store.find(c.hash, self.tch) is None:
+            if self.store.find(c.hash, self.tchs[rung]) is None:
                 todo.append((i, {"hash": c.hash, "genome": c.genome.to_dict(), "stages": self.stages,
                                  "stage_paths": {s: stage_path(s) for s in self.stages},
-                                 "settings": self._settings()}))
+                                 "settings": self._settings(rung)}))
         if todo and not self.stages:  # static objectives only: nothing to run in a worker
             for i, _ in todo:
                 self._commit(candidates[i], generation,
-                             {"status": "ok", "reason": "", "measurements": {}, "timings": {}, "wall_s": 0.0})
+                             {"status": "ok", "reason": "", "measurements": {}, "timings": {}, "wall_s": 0.0}, rung)
         elif todo:
             if self.executor is None:
                 c = self.config
                 self.executor = make_executor(c.executor, c.evaluator, c.workers, c.ray_address)
 
             def on_result(k: int, result: dict) -> None:
-                self._commit(candidates[todo[k][0]], generation, result)  # committed before the next one
+                self._commit(candidates[todo[k][0]], generation, result, rung)  # committed before the next one
                 self._report(generation)
 
             self.executor.map([request for _, request in todo], on_result)
-        return [self._member(self.store.find(c.hash, self.tch)) for c in candidates]
 
     def _finish_generation(self, generation: int, survivors: list[Member]) -> None:
-        rows = self.store.evaluations(self.tch)
-        ok = feasible_rows(rows)
+        rows = self.store.evaluations(self.tchs)
         bounds = self.store.get_meta("hv_bounds")
-        if bounds is None and ok:
+        ok = feasible_rows(rows)
+        if bounds is None and ok:  # from every feasible result of generation 0, all rungs: the widest spread
             F0 = np.array([[r["objectives"][o] for o in self.config.objectives] for r in ok], float)
             bounds = hv_bounds(F0)
             self.store.set_meta("hv_bounds", bounds)
+        ok = comparable_rows(rows)  # the hypervolume of the front: like with like, at the highest rung
         F = np.array([[r["objectives"][o] for o in self.config.objectives] for r in ok], float)
         hv = hypervolume(F, *bounds) if bounds else 0.0
         offspring = {r["hash"] for r in self.store.offspring(generation)}
@@ -282,8 +323,9 @@ class SearchRun:
     def run(self) -> dict:
         c = self.config
         last = self.store.last_generation()
-        done_before = len(self.store.offspring()) if last is not None else 0
-        self.progress.start(total=c.population * c.generations, done=done_before)
+        per_generation = sum(ladder_sizes(c.population, c.eta, c.rungs))  # trainings a full generation takes
+        done_before = len(self.store.offspring()) * per_generation // c.population if last is not None else 0
+        self.progress.start(total=per_generation * c.generations, done=done_before)
         try:
             if last is None:
                 self._report(0, "initial population")
@@ -298,8 +340,7 @@ class SearchRun:
                 last = 0
             for g in range(last + 1, c.generations):
                 rows = self.store.population(g - 1)
-                population = [self._member(self.store.find(r["hash"], self.tch), r["rank"], r["crowding"])
-                              for r in rows]
+                population = [self._member(self._reached(r["hash"]), r["rank"], r["crowding"]) for r in rows]
                 self.problem.refresh()
                 candidates = self.algorithm.offspring(population, c.population, rng_for(c.seed, g, "variation"),
                                                       self._on_reject(g))

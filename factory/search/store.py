@@ -5,6 +5,10 @@ finishes, so a kill at any point (even kill -9, even a power cut) loses at most 
 A generation (its population, hypervolume and counters) is committed in one transaction after its survival, so
 `last_generation()` is the last generation that is complete. Values are JSON text (floats round-trip exactly);
 nothing is pickled.
+
+Multi-fidelity runs store one row per (genome, rung): the rung's token budget gives it its own train_config_hash,
+and the row records its `rung` index and `tokens`. A database from before these columns is migrated in place
+(its rows are rung 0; `tokens` is left NULL there, readers fall back to the run's budget).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,6 +27,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     hash TEXT NOT NULL,
     train_config_hash TEXT NOT NULL,
     generation INTEGER NOT NULL,          -- the generation that first evaluated it
+    rung INTEGER NOT NULL DEFAULT 0,      -- successive-halving rung (0: the run's base budget)
+    tokens INTEGER,                       -- training tokens of that rung (NULL in databases from before rungs)
     status TEXT NOT NULL,                 -- ok | diverged | oom | error | rejected
     reason TEXT NOT NULL DEFAULT '',
     origin TEXT NOT NULL DEFAULT '',
@@ -56,6 +62,8 @@ CREATE TABLE IF NOT EXISTS final (
 CREATE INDEX IF NOT EXISTS final_key ON final (hash, seed, train_config_hash);
 """
 
+# Columns added after the first schema: (name, declaration) for ALTER TABLE on an older database.
+_ADDED_COLUMNS = (("rung", "INTEGER NOT NULL DEFAULT 0"), ("tokens", "INTEGER"))
 _JSON_COLUMNS = ("objectives", "static", "measurements", "genome", "timings", "parents", "best")
 
 
@@ -70,6 +78,14 @@ def _row(cursor: sqlite3.Cursor, row: tuple) -> dict:
     return out
 
 
+def _with_rung(rows: list[dict]) -> list[dict]:
+    """Rows read through a read-only connection from a database that predates the rung columns: rung 0."""
+    for r in rows:
+        r.setdefault("rung", 0)
+        r.setdefault("tokens", None)
+    return rows
+
+
 class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
@@ -80,7 +96,11 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
-            if self.get_meta("schema_version") is None:
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(evaluations)")}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {decl}")
+            if (self.get_meta("schema_version") or 0) < SCHEMA_VERSION:
                 self.set_meta("schema_version", SCHEMA_VERSION)
         self.db.row_factory = _row
 
@@ -106,10 +126,20 @@ class Store:
 
     # -- evaluations ----------------------------------------------------------------------------------------------
     def find(self, genome_hash: str, train_config_hash: str) -> dict | None:
-        return self.db.execute(
+        row = self.db.execute(
             "SELECT * FROM evaluations WHERE hash = ? AND train_config_hash = ? ORDER BY id LIMIT 1",
             (genome_hash, train_config_hash),
         ).fetchone()
+        return _with_rung([row])[0] if row is not None else None
+
+    def find_highest(self, genome_hash: str, train_config_hashes: list[str]) -> dict | None:
+        """A genome's row at the highest rung it reached among these train configs (the first stored on a tie)."""
+        row = self.db.execute(
+            f"SELECT * FROM evaluations WHERE hash = ? AND train_config_hash IN "
+            f"({', '.join('?' for _ in train_config_hashes)}) ORDER BY rung DESC, id LIMIT 1",
+            (genome_hash, *train_config_hashes),
+        ).fetchone()
+        return _with_rung([row])[0] if row is not None else None
 
     def add_evaluation(self, **row) -> None:
         """Commit one finished evaluation (autocommit: durable when this returns)."""
@@ -121,12 +151,14 @@ class Store:
         marks = ", ".join("?" for _ in row)
         self.db.execute(f"INSERT INTO evaluations ({cols}) VALUES ({marks})", tuple(row.values()))
 
-    def evaluations(self, train_config_hash: str | None = None) -> list[dict]:
+    def evaluations(self, train_config_hash: str | list[str] | None = None) -> list[dict]:
+        """Rows in commit order; of one train config hash, or of any of a list (e.g. every rung of a run)."""
         if train_config_hash is None:
-            return self.db.execute("SELECT * FROM evaluations ORDER BY id").fetchall()
-        return self.db.execute(
-            "SELECT * FROM evaluations WHERE train_config_hash = ? ORDER BY id", (train_config_hash,)
-        ).fetchall()
+            return _with_rung(self.db.execute("SELECT * FROM evaluations ORDER BY id").fetchall())
+        hashes = [train_config_hash] if isinstance(train_config_hash, str) else list(train_config_hash)
+        return _with_rung(self.db.execute(
+            f"SELECT * FROM evaluations WHERE train_config_hash IN ({', '.join('?' for _ in hashes)}) ORDER BY id",
+            hashes).fetchall())
 
     # -- generations ----------------------------------------------------------------------------------------------
     def save_offspring(self, generation: int, candidates) -> None:
