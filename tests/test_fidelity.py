@@ -171,3 +171,22 @@ def test_benchmark_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "jobs: 0 run, 15 cached, 0 failed" in again.stdout  # nothing retrained
     assert json.loads((out / "results.json").read_text())["agreement"] == res["agreement"]
+
+    # a second corpus the first run never saw, compared with the first: the transfer table
+    second = tmp_path / "second.txt"
+    rng = random.Random(1)
+    words = "def return import class self value print list open file error none true false".split()
+    second.write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    other = tmp_path / "other"
+    cmd2 = [a if a != str(out) else str(other) for a in cmd]
+    cmd2[cmd2.index("--corpus") + 1] = str(second)
+    cmd2 += ["--mad-steps", "0", "--compare-with", str(out)]
+    third = subprocess.run(cmd2, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert third.returncode == 0, third.stderr
+    transfer = json.loads((other / "results.json").read_text())["transfer"]
+    assert transfer["other_corpus"] == "tiny.txt" and transfer["this_corpus"] == "second.txt"
+    for key in ("other_low_vs_this_high", "other_high_vs_this_high"):
+        assert transfer[key]["n"] == 3 and -1.0 <= transfer[key]["spearman"] <= 1.0
+    assert "## Transfer from corpus `tiny.txt` to `second.txt`" in (other / "results.md").read_text()
+    bad = subprocess.run(cmd2[:-1] + [str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "no results.json" in bad.stderr.strip().splitlines()[-1]

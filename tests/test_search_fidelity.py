@@ -324,3 +324,12 @@ def test_cli_fidelity_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, mes
 def test_resume_refuses_to_change_the_rungs(fake_run, capsys):
     code, _, err = _cli(["search", "--resume", fake_run, "--rungs", "2"], capsys)
     assert code == 2 and "--rungs" in err and err.count("\n") == 1
+
+
+def test_finalists_train_at_a_multiple_of_the_top_rung():
+    from factory.search.finalize import final_tokens
+
+    config = SearchConfig(**{**FAKE, "rungs": 3, "eta": 2})
+    assert config.rung_budgets() == [FAKE["tokens"], 2 * FAKE["tokens"], 4 * FAKE["tokens"]]
+    assert final_tokens(config, 3) == 12 * FAKE["tokens"]
+    assert final_tokens(SearchConfig(**{**FAKE, "rungs": 1}), 3) == 3 * FAKE["tokens"]

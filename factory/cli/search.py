@@ -243,7 +243,7 @@ def motifs_command(
 def finalize_command(
     run_dir: Path = typer.Argument(..., help="A search run directory."),
     top_k: int = typer.Option(4, "--top-k", help="Front members to retrain (best quality first)."),
-    multiplier: int = typer.Option(4, "--multiplier", help="Training budget as a multiple of the search's."),
+    multiplier: int = typer.Option(4, "--multiplier", help="Training budget as a multiple of the search's (its top rung's, with --rungs)."),
     seeds: int = typer.Option(2, "--seeds", help="Training seeds per model (at least 2)."),
     workers: Optional[int] = typer.Option(None, "--workers"),
     executor: Optional[str] = typer.Option(None, "--executor"),

@@ -33,8 +33,14 @@ from factory.search.seeding import BASELINES, adapt_to_space, build_space
 from factory.search.store import Store
 
 
+def final_tokens(config: SearchConfig, multiplier: int) -> int:
+    """The final comparison's training budget: `multiplier` times the largest budget the search trained at (its
+    top rung), so a multi-fidelity run's finalists never train for less than the search gave them."""
+    return config.rung_budgets()[-1] * multiplier
+
+
 def _final_config_hash(config: SearchConfig, multiplier: int) -> str:
-    train = {k: v for k, v in config.train_config(tokens=config.tokens * multiplier).to_dict().items()
+    train = {k: v for k, v in config.train_config(tokens=final_tokens(config, multiplier)).to_dict().items()
              if k not in ("threads", "seed")}
     blob = {"train": train, "corpus": config.corpus_sha256, "quality": quality_axis(config)[0],
             "mad_steps": config.mad_steps * multiplier, "evaluator": config.evaluator}
@@ -154,7 +160,7 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
                 missing_ckpt = ckpt is not None and not (ckpt / "model.safetensors").is_file()
                 if store.find_final(m["hash"], seed, fch) is None or missing_ckpt:
                     settings = {
-                        "train": {**{k: v for k, v in config.train_config(seed=seed, tokens=config.tokens * multiplier)
+                        "train": {**{k: v for k, v in config.train_config(seed=seed, tokens=final_tokens(config, multiplier))
                                      .to_dict().items() if k != "threads"}},
                         "corpus": config.corpus, "corpus_sha256": config.corpus_sha256,
                         "mad_steps": config.mad_steps * multiplier, "metrics_context": config.context_for_metrics,
@@ -174,7 +180,7 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
             if store.find_final(m["hash"], seed, fch) is not None:
                 return  # retrained only to write its checkpoint
             store.add_final(hash=m["hash"], name=m["name"], role=m["role"], seed=seed,
-                            tokens=config.tokens * multiplier, train_config_hash=fch, status=result["status"],
+                            tokens=final_tokens(config, multiplier), train_config_hash=fch, status=result["status"],
                             reason=result["reason"], val_bpb=value if math.isfinite(value) else None,
                             params=m["static"]["params"], cache_bytes=m["static"]["cache_bytes"],
                             genome=m["genome"].to_dict(), wall_s=result.get("wall_s", 0.0))
@@ -202,7 +208,7 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
         comparisons = [compare(e, b) for e in evolved for b in baselines]
         data = {
             "format": "factory-search-final-1",
-            "quality": q_name, "quality_label": q_label, "multiplier": multiplier, "tokens": config.tokens * multiplier,
+            "quality": q_name, "quality_label": q_label, "multiplier": multiplier, "tokens": final_tokens(config, multiplier),
             "seeds": seed_list, "top_k": top_k, "train_config_hash": fch,
             "rule": "a quality difference not larger than the larger seed standard deviation is a tie",
             "models": results, "comparisons": comparisons,
