@@ -52,6 +52,7 @@ def main() -> int:
 
     from dataclasses import replace
 
+    from factory.errors import FactoryError
     from factory.genome.features import latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
@@ -81,17 +82,25 @@ def main() -> int:
     cache_path = args.out / "samples.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}"
-    samples = []
+    samples, failed = [], []
     t0 = time.time()
     for i, g in enumerate(genomes):
         key = f"{g.hash()}:{setting}"
         if key not in cache:
-            m = measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
-            cache[key] = {"hash": g.hash(), "decode_p50": m["decode_ms"]["p50"], "decode_p95": m["decode_ms"]["p95"],
-                          "prefill_p50": m["prefill_ms"]["p50"], "prefill_p95": m["prefill_ms"]["p95"]}
+            try:
+                m = measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
+                cache[key] = {"hash": g.hash(), "decode_p50": m["decode_ms"]["p50"],
+                              "decode_p95": m["decode_ms"]["p95"], "prefill_p50": m["prefill_ms"]["p50"],
+                              "prefill_p95": m["prefill_ms"]["p95"]}
+            except FactoryError as e:  # one genome that cannot be exported or measured must not stop the benchmark
+                cache[key] = {"hash": g.hash(), "failed": str(e).splitlines()[0]}
             tmp = cache_path.with_name(".samples.json.tmp")
             tmp.write_text(json.dumps(cache, indent=1))
             os.replace(tmp, cache_path)
+        if "failed" in cache[key]:
+            failed.append(cache[key])
+            print(f"[{i + 1}/{len(genomes)}] {g.hash()[:10]} FAILED: {cache[key]['failed']}", flush=True)
+            continue
         s = dict(cache[key])
         s["features"] = {metric: latency_features(g, metric, target.prompt_length, target.decode_context)
                          for metric in ("decode", "prefill")}
@@ -106,7 +115,7 @@ def main() -> int:
 
     # Repeatability: the first two genomes, each profiled three more times.
     p50s, spread = {}, {}
-    for g in genomes[:2]:
+    for g in [g for g in genomes if any(s["hash"] == g.hash() for s in samples)][:2]:
         repeat = [measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
                   for _ in range(3)]
         for k in ("decode_ms", "prefill_ms"):
@@ -125,13 +134,14 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {"target": target.name, "threads": target.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
-              "genomes": len(samples), "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
+              "genomes": len(samples), "failed": failed, "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
               "repeatability_p50": p50s, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",
              f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs, 1-minute load at the end "
              f"{load}. Command: `.venv/bin/python {result['command']}`", "",
+             f"{len(samples)} genomes measured, {len(failed)} failed to export or measure.", "",
              "| measure | value |", "|---|---|"]
     for k, a in accuracy.items():
         lines.append(f"| {k}: held-out within +-10% / mean rel. error (n={a['n']}) | "

@@ -139,7 +139,7 @@ def _export_into(build: Path, request: ExportRequest, model, metrics: dict, corp
     from export.onnx_export import STANDARD_DOMAINS, TRACED_MIN_SIZE, check_portable, export_graphs, runtime_specific_ops
     from export.optimize import LEVEL, optimize_offline
     from export.evaluate import bits_per_byte
-    from export.verify import check_model, parity
+    from export.verify import OPTIMIZED_TOLERANCE, check_model, parity
 
     genome = model.genome
     layout = state_layout(genome)
@@ -171,7 +171,8 @@ def _export_into(build: Path, request: ExportRequest, model, metrics: dict, corp
         # No onnx.checker here: onnxruntime's fusions add ops (com.microsoft, and SimplifiedLayerNormalization in
         # the default domain) that ONNX has no schema for; loading in onnxruntime and parity check these graphs.
         check_portable(optimized[graph], allowed_domains=STANDARD_DOMAINS | {"com.microsoft", "com.microsoft.nchwc"})
-    opt_report = parity(model, layout, optimized["prefill"], optimized["decode"], steps=request.decode_steps, seed=1)
+    opt_report = parity(model, layout, optimized["prefill"], optimized["decode"], steps=request.decode_steps, seed=1,
+                        tolerance=OPTIMIZED_TOLERANCE)
     if not opt_report.passed:
         raise FactoryError(f"the onnxruntime-optimized graphs miss parity: {opt_report.failure()}")
     variants["optimized"] = variant_entry(

@@ -42,6 +42,13 @@ def test_smoke_run_produces_every_stage(smoke_run):
         assert 0 < r["decode_ms_p50"] <= r["decode_ms_p95"] and r["peak_rss_mb"] > 0
     assert set(report["figures"]) == {"pareto_cache", "pareto_params", "pareto_latency"}
     assert result["verdict"] and result["verdict"][0].split(":")[0] in ("YES", "NO", "TIE")
+    # the search used latency, measured with onnxruntime here, as an objective for every candidate it trained
+    with sqlite3.connect(out / "search.db") as db:
+        rows = db.execute("select objectives, measurements from evaluations where status = 'ok'").fetchall()
+    assert rows
+    for objectives, measurements in rows:
+        profile = json.loads(measurements)["profile"]
+        assert profile["source"] == "measured" and json.loads(objectives)["latency"] == profile["prefill_ms_p50"] > 0
     # progress is visible throughout, also without a terminal: every stage and every search generation
     for stage in ("[1/5] search", "[2/5] finalize", "[3/5] export", "[4/5] profile", "[5/5] report"):
         assert stage in log, log[-2000:]
