@@ -24,12 +24,12 @@ from pathlib import Path
 
 
 FEATURE_SETS = {
-    # what the search's pre-filter uses (factory.genome.features.latency_features)
+    # what the search's pre-filter uses (factory.features.latency_features)
     "factory": lambda f: f,
-    # a compact alternative: total and attention layer counts, arithmetic and bytes only
-    "compact": lambda f: {"layers": sum(v for k, v in f.items() if k.startswith("layers_")),
-                          "layers_attention": f.get("layers_attention", 0.0),
-                          **{k: v for k, v in f.items() if not k.startswith("layers_")}},
+    # the same without the dispatched-operation count: the genome's formulas alone
+    "formulas only": lambda f: {k: v for k, v in f.items() if k != "kops"},
+    # the operation count alone
+    "kops only": lambda f: {"kops": f["kops"]},
 }
 QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill"}
 
@@ -53,7 +53,7 @@ def main() -> int:
     from dataclasses import replace
 
     from factory.errors import FactoryError
-    from factory.genome.features import latency_features
+    from factory.features import latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
     from factory.search.latency import measure_model, representative_here

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from factory.genome.features import latency_features
+from factory.features import latency_features
 from factory.genome.references import reference_genomes
 from profiles.latency_model import LatencyModel, cross_validate, fit_with_accuracy, relative_errors
 
@@ -53,6 +53,8 @@ def test_features_reflect_architecture(metric):
     per = 1.0 if metric == "decode" else 512 / 100  # prefill counts are per-layer work over the prompt
     assert tpp["layers_attention"] == pytest.approx(4 * per) and lfm["layers_short_conv"] == pytest.approx(3 * per)
     assert tpp["state_mb"] > lfm["state_mb"] > 0
+    # counted operations: a recurrence dispatches more per token than a short convolution
+    assert latency_features(refs["rwkv"], metric, 512, 512)["kops"] > lfm["kops"] > 0
     with pytest.raises(ValueError):
         latency_features(refs["rwkv"], "train", 1, 1)
 
@@ -88,3 +90,24 @@ def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch):
     assert model.accuracy["n"] == 8 and model.accuracy["mean_relative_error"] < 0.35, model.accuracy
     # deeper is slower, also beyond the measured range
     assert predict_ms(model, genome(12), target) > predict_ms(model, genome(2), target) > 0
+
+
+def test_dispatched_operations_grow_with_depth_and_are_deterministic():
+    from factory.features import dispatched_ops
+    from factory.genome.schema import Genome, LayerGene
+    from factory.ops import registry
+
+    classes = (registry.default_spec("attention"), registry.default_spec("glu"))
+
+    def genome(n):
+        return Genome(classes=classes, layers=tuple(LayerGene(op_class=i % 2) for i in range(n)), d_model=32,
+                      context=64).validate()
+
+    two, four = dispatched_ops(genome(2), 64), dispatched_ops(genome(4), 64)
+    for metric in ("prefill", "decode"):
+        added = four[metric] - two[metric]  # two more layers: embedding and head are counted once in both
+        assert 0 < added <= two[metric]
+    from factory import features
+
+    features._OPS_CACHE.clear()
+    assert dispatched_ops(genome(4), 64) == four  # counted again from scratch: the same

@@ -62,7 +62,7 @@ def training_samples(target, metric: str, source: str | None = None) -> tuple[li
 
     Decode samples use p95 (what the budget constrains), prefill samples p50.
     """
-    from factory.genome.features import latency_features
+    from factory.features import latency_features
     from factory.genome.schema import Genome
     from profiles.store import load_archived_genome, load_measurements
 
@@ -98,7 +98,7 @@ def fit_latency_model(target, metric: str | None = None, source: str | None = No
 
 
 def predict_ms(model, genome, target) -> float:
-    from factory.genome.features import latency_features
+    from factory.features import latency_features
 
     return model.predict_one(latency_features(genome, model.metric, target.prompt_length, target.decode_context))
 
