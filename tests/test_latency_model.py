@@ -59,11 +59,14 @@ def test_features_reflect_architecture(metric):
         latency_features(refs["rwkv"], "train", 1, 1)
 
 
-def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch):
+def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch, capsys):
     """The product path on real measurements: export + onnxruntime profile of 8 depths of one design, stored in the
-    target's measurement store, then the per-target model fitted from the store and cross-validated."""
-    from dataclasses import replace
+    target's measurement store, then the per-target model fitted from the store and cross-validated, also through
+    `factory profiles model`."""
+    import json
+    from pathlib import Path
 
+    from factory.cli import main as cli_main
     from factory.genome.schema import Genome, LayerGene
     from factory.model import LIVModel
     from factory.ops import registry
@@ -72,17 +75,35 @@ def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch):
     from targets import load_target
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
-    target = replace(load_target("laptop-cpu"), name="test-cpu", threads=1, prompt_length=64, decode_context=64)
+    text = (Path(__file__).resolve().parents[1] / "targets/builtin/laptop-cpu.toml").read_text()
+    for old, new in (('name = "laptop-cpu"', 'name = "test-cpu"'), ("threads = 4", "threads = 1"),
+                     ("prompt_length = 512", "prompt_length = 64"), ("decode_context = 512", "decode_context = 64")):
+        assert old in text
+        text = text.replace(old, new)
+    target_file = tmp_path / "test-cpu.toml"
+    target_file.write_text(text)
+    target = load_target(str(target_file))
     classes = (registry.default_spec("short_conv").with_(kernel=3), registry.default_spec("glu"))
 
     def genome(n):
         layers = tuple(LayerGene(op_class=i % 2) for i in range(n))
         return Genome(classes=classes, layers=layers, d_model=16, context=64).validate()
 
-    measured = {}
+    def model_cli(*args):
+        capsys.readouterr()
+        try:
+            cli_main(["profiles", "model", "--target", str(target_file), *args])
+        except SystemExit as e:
+            code = e.code or 0
+        else:
+            code = 0
+        return code, capsys.readouterr()
+
     for n in range(1, 9):
-        m = measure_model(LIVModel(genome(n)).eval(), target, tmp_path / "work", repeats=5)
-        measured[n] = m["prefill_ms"]["p50"]
+        measure_model(LIVModel(genome(n)).eval(), target, tmp_path / "work", repeats=5)
+        if n == 7:  # one short of what a model needs: a clear one-line refusal
+            code, cap = model_cli("--metric", "prefill")
+            assert code == 2 and "7 usable prefill measurements" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert len(load_measurements(target)) == 8
 
     model = fit_latency_model(target, "prefill")
@@ -90,6 +111,13 @@ def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch):
     assert model.accuracy["n"] == 8 and model.accuracy["mean_relative_error"] < 0.35, model.accuracy
     # deeper is slower, also beyond the measured range
     assert predict_ms(model, genome(12), target) > predict_ms(model, genome(2), target) > 0
+
+    code, cap = model_cli("--metric", "prefill", "--json")
+    assert code == 0, cap.err
+    shown = json.loads(cap.out)
+    assert shown["target"] == "test-cpu" and shown["n_samples"] == 8 and shown["accuracy"] == model.accuracy
+    code, cap = model_cli("--metric", "train")
+    assert code == 2 and "--metric must be decode or prefill" in cap.err
 
 
 def test_dispatched_operations_grow_with_depth_and_are_deterministic():

@@ -238,6 +238,11 @@ def _ms(vals) -> str:
     return f"{m:.3f}{gap}{short}"
 
 
+def _relative(command: str) -> str:
+    """Paths under the working directory written relative to it: a report names no machine's folders."""
+    return command.replace(str(Path.cwd()) + os.sep, "")
+
+
 def markdown(res: dict) -> str:
     a, cfg = res["agreement"], res["config"]
     lo, hi = cfg["tokens"], cfg["tokens"] * cfg["multiplier"]
@@ -268,8 +273,9 @@ def markdown(res: dict) -> str:
         f"{_f(a['noise_low']['flip_share'])}; {_f(a['noise_low']['seed_spearman'])} |",
         f"| noise share at {hi:,}: same | {_f(a['noise_high']['flip_share'])}; "
         f"{_f(a['noise_high']['seed_spearman'])} |",
-        f"| MAD mean accuracy ({cfg['mad_steps']} steps) vs {hi:,}-token bpb: Spearman / Kendall (n={res['mad_vs_high']['n']}) "
-        f"| {_f(res['mad_vs_high']['spearman'])} / {_f(res['mad_vs_high']['kendall'])} |",
+        *([f"| MAD mean accuracy ({cfg['mad_steps']} steps) vs {hi:,}-token bpb: Spearman / Kendall "
+           f"(n={res['mad_vs_high']['n']}) | {_f(res['mad_vs_high']['spearman'])} / {_f(res['mad_vs_high']['kendall'])} |"]
+          if cfg["mad_steps"] > 0 else []),
         f"| baseline: parameter count vs {hi:,}-token bpb, Spearman (n={res['params_vs_high']['n']}) | "
         f"{_f(res['params_vs_high']['spearman'])} |",
         "",
@@ -312,11 +318,11 @@ def markdown(res: dict) -> str:
         "Commands that trained into this cache with these settings (a resumed run adds one each time):",
         "",
         "```",
-        *[f"# started {c['started']}, 1-minute load average {c['loadavg_1m']}\n{c['command']}"
+        *[f"# started {c['started']}, 1-minute load average {c['loadavg_1m']}\n{_relative(c['command'])}"
           for c in res["training_commands"]],
         "```",
         "",
-        f"This report was written by: `{res['command']}`",
+        f"This report was written by: `{_relative(res['command'])}`",
         "",
     ]
     return "\n".join(lines)

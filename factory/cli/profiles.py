@@ -1,4 +1,5 @@
-"""`factory profiles pack|import|list`: measuring on a board through a probe pack, and the measurement store."""
+"""`factory profiles pack|import|list|model`: measuring on a board through a probe pack, the measurement store,
+and the per-target latency model fitted on it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import List
 import typer
 from rich.table import Table
 
-from factory.cli.common import console, emit_json
+from factory.cli.common import console, emit_json, fail
 
 app = typer.Typer(help="Probe packs for boards, their results, and the measurement store.", no_args_is_help=True)
 
@@ -83,4 +84,45 @@ def list_command(
             f"{m['decode_ms']['p50']:.3f} ms", f"{m['decode_ms']['p95']:.3f} ms",
             f"{m['peak_rss_mb']:.0f} MiB" if m.get("peak_rss_mb") else "-", r["recorded_at"],
         )
+    console.print(table)
+
+
+@app.command("model")
+def model_command(
+    target: str = typer.Option(..., "--target", "-t", help="A built-in target name or a path to a .toml file."),
+    metric: str = typer.Option(None, "--metric", help="decode | prefill (default: the target's latency metric)."),
+    source: str = typer.Option("all", "--source", help="all | board: fit on every measurement, or board data only."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Fit the target's latency model on its stored measurements and show its held-out accuracy."""
+    from factory.search.latency import MIN_SAMPLES_TO_PREDICT, fit_latency_model, latency_metric, training_samples
+    from targets import load_target
+
+    resolved = load_target(target)
+    if metric is not None and metric not in ("decode", "prefill"):
+        fail(f"--metric must be decode or prefill, got {metric!r}")
+    if source not in ("all", "board"):
+        fail(f"--source must be all or board, got {source!r}")
+    metric = metric or latency_metric(resolved)
+    board = "board" if source == "board" else None
+    model = fit_latency_model(resolved, metric, board)
+    if model is None:
+        n = len(training_samples(resolved, metric, board)[1])
+        fail(f"{resolved.name}: {n} usable {metric} measurements stored, the latency model needs at least "
+             f"{MIN_SAMPLES_TO_PREDICT} (measure more with `factory profile` or import a board's results)")
+    data = {"target": resolved.name, **model.to_dict()}
+    if as_json:
+        emit_json(data)
+        return
+    a = model.accuracy
+    console.print(f"{resolved.name}: {metric} latency model fitted on {model.n_samples} measurements")
+    console.print(f"held-out (5-fold, {a['n']} predictions): {a['within_10pct']:.0%} of predictions within +-10%, mean relative "
+                  f"error {a['mean_relative_error']:.1%}, max {a['max_relative_error']:.1%}")
+    table = Table(title="milliseconds per unit of each feature (non-negative)")
+    table.add_column("feature")
+    table.add_column("coefficient", justify="right")
+    for name, coef in zip(model.feature_names, model.coef):
+        if coef > 0:
+            table.add_row(name, f"{coef:.4g}")
+    table.add_row("(intercept)", f"{model.intercept:.4g}")
     console.print(table)
