@@ -28,6 +28,8 @@ FEATURE_SETS = {
     "factory": lambda f: f,
     # the same without the dispatched-operation count: the genome's formulas alone
     "formulas only": lambda f: {k: v for k, v in f.items() if k != "kops"},
+    # prefill without the activation bytes
+    "without act_mb": lambda f: {k: v for k, v in f.items() if k != "act_mb"},
     # the operation count alone
     "kops only": lambda f: {"kops": f["kops"]},
 }

@@ -9,6 +9,9 @@
     m/gflops    the arithmetic: MFLOP of one decode step at `decode_context`, GFLOP of the prefill
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
+    act_mb      prefill only: the operators' largest intermediate tensors for the prompt, summed over layers
+                (chunked scans and score matrices are bound by moving these, not by their FLOPs; a decode
+                step's are a few KB)
 
 Everything but `kops` comes from the genome's formulas alone; `kops` compiles the model (about 0.1 s).
 """
@@ -21,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from factory.genome.codec import FAMILY_ORDER
 from factory.genome.metrics import cache_bytes, flops_per_token, param_count
 from factory.genome.schema import Genome
+from factory.ops import registry
 
 _OPS_CACHE: dict[tuple[str, int], dict[str, int]] = {}
 
@@ -96,4 +100,6 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
             "gflops": flops_per_token(genome, prompt_length).prefill * p / 1e9,
             "weights_mb": weights_mb,
             "state_mb": cache_bytes(genome, prompt_length) / 1e6,
+            "act_mb": sum(registry.activation_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
+                          for i in range(genome.n_layers)) * bytes_per_weight / 1e6,
         }

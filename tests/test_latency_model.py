@@ -55,6 +55,10 @@ def test_features_reflect_architecture(metric):
     assert tpp["state_mb"] > lfm["state_mb"] > 0
     # counted operations: a recurrence dispatches more per token than a short convolution
     assert latency_features(refs["rwkv"], metric, 512, 512)["kops"] > lfm["kops"] > 0
+    if metric == "prefill":  # four layers of 512 x 512 attention scores move more than one layer's
+        assert tpp["act_mb"] > lfm["act_mb"] > 0
+    else:
+        assert "act_mb" not in tpp
     with pytest.raises(ValueError):
         latency_features(refs["rwkv"], "train", 1, 1)
 
