@@ -18,7 +18,6 @@ Timings are medians over interleaved rounds (A, B, A, B...), so slow phases of a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -44,27 +43,10 @@ from export.runtime import make_session  # noqa: E402
 from export.verify import check_model, parity  # noqa: E402
 from factory.genome.references import reference_genomes  # noqa: E402
 from factory.model import LIVModel  # noqa: E402
+from factory.testing import perturbed_model, shrink  # noqa: E402
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def shrink(genome, d_model: int, min_layers: int = 2):
-    """--quick: the shortest prefix of layers showing every operator class (as in tests/test_export.py)."""
-    seen, keep = set(), 0
-    for i, layer in enumerate(genome.layers):
-        if layer.op_class not in seen:
-            seen.add(layer.op_class)
-            keep = i + 1
-    keep = min(genome.n_layers, max(keep, min_layers))
-    return dataclasses.replace(genome, d_model=d_model, layers=genome.layers[:keep]).validate()
-
-
-def random_model(genome, seed: int = 0) -> LIVModel:
-    torch.manual_seed(seed)
-    model = LIVModel(genome).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 def interleaved(runners: dict, rounds: int) -> dict[str, list[float]]:
@@ -151,7 +133,7 @@ def bench_references(args, work: Path) -> tuple[list[dict], dict]:
     for name in names:
         genome = reference_genomes()[name]
         genome = shrink(genome, 64) if args.quick else genome
-        model = random_model(genome)
+        model = perturbed_model(genome)
         layout = state_layout(genome)
         folder = work / name
         folder.mkdir()

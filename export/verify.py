@@ -27,8 +27,9 @@ TOLERANCE = 1e-4
 # A decode step and the parallel form compute the same function in a different order (and the chunked forms
 # in float32); their gap is a property of the operators, looser than the exporter's.
 CONTINUATION_TOLERANCE = 1e-3
-# onnxruntime's offline fusions (fused layer norms, MatMul+Add, attention kernels) re-order float32 sums; on deep
-# random-weight stacks that moves outputs by ~1e-4 relative, which is arithmetic, not a wrong graph.
+# onnxruntime's offline fusions (fused layer norms, MatMul+Add, attention kernels) re-order float32 sums; on a
+# random-weight 6-layer genome of the latency benchmark that moved the prefill state by 1.6e-4 relative, which is
+# arithmetic, not a wrong graph.
 OPTIMIZED_TOLERANCE = 5e-4
 DECODE_STEPS = 8
 

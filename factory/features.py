@@ -3,17 +3,17 @@
     kops        thousands of tensor operations that one prefill of `prompt_length` tokens (or one decode step)
                 dispatches in the genome's compiled model, counted by running it once with random weights. On
                 small models onnxruntime's time is mostly per-node overhead, and the exported graph has about
-                one node per operation, so this count is the strongest single feature (bench/bench_latency.py)
+                one node per operation (bench/bench_latency.py measures what this feature adds)
     layers_<f>  layers per operator family (a differential layer counts twice): each family's kernels cost
                 differently per node
     m/gflops    the arithmetic: MFLOP of one decode step at `decode_context`, GFLOP of the prefill
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
     act_mb      prefill only: the operators' largest intermediate tensors for the prompt, summed over layers
-                (chunked scans and score matrices are bound by moving these, not by their FLOPs; a decode
-                step's are a few KB)
+                (chunked scans and score matrices are bound by moving these, not by their FLOPs, as the prefill
+                rows of bench/bench_latency.py show; a decode step's intermediates are one token's)
 
-Everything but `kops` comes from the genome's formulas alone; `kops` compiles the model (about 0.1 s).
+Everything but `kops` comes from the genome's formulas alone; `kops` compiles the model and runs it once.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from export import runtime
 from export.graphs import PAST_SEQUENCE, state_layout
@@ -30,7 +29,7 @@ from factory.cli import main as cli_main
 from factory.errors import FactoryError
 from factory.genome import Genome
 from factory.genome.schema import LayerGene
-from factory.model import LIVModel
+from factory.testing import perturbed_model, shrink
 from factory.ops import registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,29 +42,10 @@ FLOAT16_BPB_TOLERANCE = 0.01
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def shrink(genome: Genome, d_model: int = 64, min_layers: int = 2) -> Genome:
-    """The shortest prefix of the layers in which every operator class appears (at least `min_layers`)."""
-    seen, keep = set(), 0
-    for i, layer in enumerate(genome.layers):
-        if layer.op_class not in seen:
-            seen.add(layer.op_class)
-            keep = i + 1
-    keep = min(genome.n_layers, max(keep, min_layers))
-    return dataclasses.replace(genome, d_model=d_model, layers=genome.layers[:keep]).validate()
-
-
-def random_model(genome: Genome, seed: int = 0) -> LIVModel:
-    torch.manual_seed(seed)
-    model = LIVModel(genome).eval()
-    # Perturb everything, so zero-initialised branches (shortcuts, gates) are exercised too.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 def export_and_check(genome: Genome, tmp_path: Path):
-    model = random_model(genome)
+    model = perturbed_model(genome)
     layout = state_layout(genome)
     graphs = export_graphs(model, layout, tmp_path)
     for path in (graphs.prefill, graphs.decode):
@@ -176,7 +156,7 @@ def test_export_failure_names_the_operator(tmp_path):
         d_model=32, classes=(registry.default_spec("short_conv"), registry.default_spec("glu")),
         layers=(LayerGene(op_class=1), LayerGene(op_class=0)), context=64,
     ).validate()
-    model = random_model(genome)
+    model = perturbed_model(genome)
     op = model.op(1)
     original = op.prefill
 

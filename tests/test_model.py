@@ -11,6 +11,7 @@ from factory.genome.metrics import cache_bytes, param_count, state_shapes
 from factory.genome.references import reference_genomes
 from factory.genome.space import SearchSpace
 from factory.model import LIVModel
+from factory.testing import perturbed_model
 from factory.ops import registry
 
 REFS = reference_genomes()
@@ -19,12 +20,7 @@ RANDOM = [SPACE.sample(seed) for seed in range(12)]
 
 
 def _perturbed(genome: Genome, seed: int = 0) -> LIVModel:
-    torch.manual_seed(seed)
-    model = LIVModel(genome).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_model(genome, seed, scale=0.05)
 
 
 @torch.no_grad()

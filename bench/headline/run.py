@@ -87,7 +87,8 @@ def _ms(x) -> str:
 
 
 def markdown(out: Path, info: dict) -> str:
-    job = json.loads((out / "job.json").read_text())["config"]
+    job_file = json.loads((out / "job.json").read_text())
+    job = job_file["config"]
     final = json.loads((out / "final.json").read_text())
     report = json.loads((out / "report.json").read_text())
     timing = json.loads((out / "timing.json").read_text()) if (out / "timing.json").is_file() else []
@@ -113,7 +114,7 @@ def markdown(out: Path, info: dict) -> str:
         f"- {info.get('cpu', 'unknown CPU')}, {info.get('cpus')} CPUs, {info.get('memory_gib', '?')} GiB; "
         f"{info['platform']}; Python {info['python']}, torch {info.get('torch')}, onnxruntime {info.get('onnxruntime')}.",
     ]
-    created = json.loads((out / "job.json").read_text()).get("created_at")
+    created = job_file.get("created_at")
     if created:
         span = (out / "report.json").stat().st_mtime - created
         lines.append(f"- From the run's creation to its last report: {span / 60:.1f} min (all invocations, any pauses).")
