@@ -4,7 +4,7 @@
    them) are exported and measured with onnxruntime under the target's protocol; the per-target latency model is
    cross-validated on them (k-fold: every genome predicted by a model fitted without it). Goal: >= 95% of
    predictions within +-10% (nn-Meter reports 99% on a phone CPU, for CNNs).
-2. repeatability: two exports profiled 3 times each; spread of p50 (max/min - 1).
+2. repeatability: two exports profiled 3 times each; spread of decode p50/p95 and prefill p50 (max/min - 1).
 3. constraint satisfaction: with --run DIR (a `factory run` folder), the share of its re-measured models that meet
    the target's budgets.
 
@@ -23,15 +23,24 @@ import time
 from pathlib import Path
 
 
+def _totals(features: dict) -> dict:
+    """Each per-family group summed over the families: one price per quantity instead of one per family."""
+    out = {}
+    for k, v in features.items():
+        group = next((g for g in ("layers", "kops", "flops", "act_mb") if k.startswith(g + "_") and k != "kops_head"), k)
+        out[group] = out.get(group, 0.0) + v
+    return out
+
+
 FEATURE_SETS = {
-    # what the search's pre-filter uses (factory.features.latency_features)
+    # what the search's pre-filter uses (factory.features.latency_features): per-family prices
     "factory": lambda f: f,
-    # the same without the dispatched-operation count: the genome's formulas alone
-    "formulas only": lambda f: {k: v for k, v in f.items() if k != "kops"},
-    # prefill without the activation bytes
-    "without act_mb": lambda f: {k: v for k, v in f.items() if k != "act_mb"},
+    # the same without the dispatched-operation counts: the genome's formulas alone
+    "without kops": lambda f: {k: v for k, v in f.items() if not k.startswith("kops")},
+    # one price per quantity, not per family
+    "family totals": _totals,
     # the operation count alone
-    "kops only": lambda f: {"kops": f["kops"]},
+    "kops only": lambda f: {"kops": sum(v for k, v in f.items() if k.startswith("kops"))},
 }
 QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill"}
 
@@ -60,6 +69,7 @@ def main() -> int:
     from factory.model import LIVModel
     from factory.search.latency import measure_model, representative_here
     from profiles.latency_model import cross_validate
+    from profiles.runner import PROTOCOL_VERSION
     from targets import load_target
 
     target = load_target(args.target)
@@ -83,7 +93,7 @@ def main() -> int:
     # only measures the new ones.
     cache_path = args.out / "samples.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}"
+    setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}:protocol={PROTOCOL_VERSION}"
     samples, failed = [], []
     t0 = time.time()
     for i, g in enumerate(genomes):
@@ -116,15 +126,15 @@ def main() -> int:
             accuracy[f"{quantity} ({name})"] = cross_validate(metric, rows, [s[quantity] for s in samples])
 
     # Repeatability: the first two genomes, each profiled three more times.
-    p50s, spread = {}, {}
+    repeated, spread = {}, {}
     measured = {s["hash"] for s in samples}
     for g in [g for g in genomes if g.hash() in measured][:2]:
         repeat = [measure_model(LIVModel(g).eval(), target, args.out / "work", repeats=args.repeats)
                   for _ in range(3)]
-        for k in ("decode_ms", "prefill_ms"):
-            values = [r[k]["p50"] for r in repeat]
-            p50s[f"{g.hash()[:10]} {k}"] = values
-            spread[f"{g.hash()[:10]} {k}"] = max(values) / min(values) - 1.0
+        for k, stat in (("decode_ms", "p50"), ("decode_ms", "p95"), ("prefill_ms", "p50")):
+            values = [r[k][stat] for r in repeat]
+            repeated[f"{g.hash()[:10]} {k} {stat}"] = values
+            spread[f"{g.hash()[:10]} {k} {stat}"] = max(values) / min(values) - 1.0
 
     satisfaction = None
     if args.run:
@@ -138,7 +148,7 @@ def main() -> int:
     result = {"target": target.name, "threads": target.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
               "genomes": len(samples), "failed": failed, "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
-              "repeatability_p50": p50s, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
+              "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",
@@ -150,7 +160,7 @@ def main() -> int:
         lines.append(f"| {k}: held-out within +-10% / mean rel. error (n={a['n']}) | "
                      f"{a['within_10pct']:.0%} / {a['mean_relative_error']:.1%} |")
     for k, s in spread.items():
-        lines.append(f"| repeatability of {k} p50 over 3 profiles (max/min - 1) | {s:.1%} |")
+        lines.append(f"| repeatability of {k} over 3 profiles (max/min - 1) | {s:.1%} |")
     if satisfaction:
         lines.append(f"| winners within all target budgets (re-measured) | {satisfaction['within_all_budgets']}"
                      f"/{satisfaction['models']} |")

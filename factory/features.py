@@ -1,19 +1,24 @@
 """Latency features of a genome: what a per-target latency model (profiles.latency_model) is fitted on.
 
-    kops        thousands of tensor operations that one prefill of `prompt_length` tokens (or one decode step)
-                dispatches in the genome's compiled model, counted by running it once with random weights. On
-                small models onnxruntime's time is mostly per-node overhead, and the exported graph has about
-                one node per operation (bench/bench_latency.py measures what this feature adds)
-    layers_<f>  layers per operator family (a differential layer counts twice): each family's kernels cost
-                differently per node
-    m/gflops    the arithmetic: MFLOP of one decode step at `decode_context`, GFLOP of the prefill
+The model is kernel-level, as in nn-Meter: a genome's latency is the sum of what each of its layers costs plus the
+embedding and head, and a layer's cost depends on its operator family. So every per-layer quantity below is summed
+per family, and the linear model learns one price per family and quantity:
+
+    layers_<f>  layers of family f (a differential layer counts twice): fixed cost per layer
+    kops_<f>    thousands of tensor operations those layers dispatch in one prefill of `prompt_length` tokens (or
+                one decode step), counted by running the compiled model once with random weights. On small models
+                onnxruntime's time is mostly per-node overhead, and the exported graph has about one node per
+                operation
+    flops_<f>   their arithmetic: GFLOP of the prefill, MFLOP of one decode step at `decode_context`
+    act_mb_<f>  prefill only: their largest intermediate tensors for the prompt (chunked scans and score matrices
+                are bound by moving these, not by their FLOPs)
+    kops_head   operations of the embedding, final norm and logits
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
-    act_mb      prefill only: the operators' largest intermediate tensors for the prompt, summed over layers
-                (chunked scans and score matrices are bound by moving these, not by their FLOPs, as the prefill
-                rows of bench/bench_latency.py show; a decode step's intermediates are one token's)
 
-Everything but `kops` comes from the genome's formulas alone; `kops` compiles the model and runs it once.
+f runs over the registry's families plus `latent_cross` (the Perceiver-AR cross-attention layer). Everything but
+the kops come from the genome's formulas alone; the kops compile the model and run it once (cached per genome).
+bench/bench_latency.py measures what each group adds.
 """
 
 from __future__ import annotations
@@ -22,28 +27,35 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from factory.genome.codec import FAMILY_ORDER
-from factory.genome.metrics import cache_bytes, flops_per_token, param_count
+from factory.genome.metrics import cache_bytes, param_count
 from factory.genome.schema import Genome
 from factory.ops import registry
+from factory.ops.perceiver import LatentCrossAttention
 
-_OPS_CACHE: dict[tuple[str, int], dict[str, int]] = {}
+FAMILIES = (*FAMILY_ORDER, "latent_cross")
+HEAD = "head"
+
+_OPS_CACHE: dict[tuple[str, int], dict[str, dict]] = {}
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts every operator call that reaches the dispatcher inside the `with` block."""
+    """Counts every operator call that reaches the dispatcher inside the `with` block, per model part: a forward
+    pre-hook on each layer's norm (the first thing a layer runs) and on the final norm moves `part`."""
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.part: int | str = HEAD
+        self.counts: dict[int | str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        self.counts[self.part] = self.counts.get(self.part, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
-def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, int]:
-    """{"prefill": ops of one prefill of `prompt_length` tokens (the model's context if it cannot take more),
-    "decode": ops of one decode step after it}. Cached per genome and length."""
+def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
+    """{"prefill": {"head": n, "layers": [n_0, n_1, ...]}, "decode": {...}}: operations of one prefill of
+    `prompt_length` tokens (the model's context if it cannot take more) and of one decode step after it. Cached per
+    genome and length."""
     from factory.model import LIVModel
     from factory.threads import torch_threads
 
@@ -51,29 +63,61 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, int]:
     if key not in _OPS_CACHE:
         torch.manual_seed(0)
         model = LIVModel(genome).eval()
+        counter = _CountOps()
+        hooks = [norm.register_forward_pre_hook(lambda *_, i=i: setattr(counter, "part", i))
+                 for i, norm in enumerate(model.norms)]
+        hooks.append(model.final_norm.register_forward_pre_hook(lambda *_: setattr(counter, "part", HEAD)))
 
-        def count(length: int) -> dict[str, int]:
+        def count(run) -> dict:
+            counter.part, counter.counts = HEAD, {}
+            with counter:
+                result = run()
+            return result, {"head": counter.counts.get(HEAD, 0),
+                            "layers": [counter.counts.get(i, 0) for i in range(genome.n_layers)]}
+
+        def both(length: int) -> dict:
             ids = torch.zeros(1, max(2, length), dtype=torch.long)
             with torch.no_grad(), torch_threads(1):
-                with _CountOps() as prefill:
-                    _, state = model.prefill(ids)
-                with _CountOps() as decode:
-                    model.step(ids[:, :1], torch.full((1, 1), ids.shape[1], dtype=torch.long), state)
-            return {"prefill": prefill.n, "decode": decode.n}
+                (_, state), prefill = count(lambda: model.prefill(ids))
+                position = torch.full((1, 1), ids.shape[1], dtype=torch.long)
+                _, decode = count(lambda: model.step(ids[:, :1], position, state))
+            return {"prefill": prefill, "decode": decode}
 
         try:
-            _OPS_CACHE[key] = count(int(prompt_length))
-        except (RuntimeError, ValueError, IndexError):  # a model that cannot take prompts beyond its context
-            _OPS_CACHE[key] = count(genome.context)
+            try:
+                _OPS_CACHE[key] = both(int(prompt_length))
+            except (RuntimeError, ValueError, IndexError):  # a model that cannot take prompts beyond its context
+                _OPS_CACHE[key] = both(genome.context)
+        finally:
+            for h in hooks:
+                h.remove()
     return _OPS_CACHE[key]
 
 
+def _layer_family(genome: Genome, i: int) -> str:
+    return "latent_cross" if genome.latents and i == 0 else genome.layer_spec(i).family
+
+
+def _layer_flops(genome: Genome, i: int, metric: str, prompt_length: int, decode_context: int) -> float:
+    """GFLOP of layer i's prefill over the prompt, or MFLOP of its decode step."""
+    spec, d = genome.layer_spec(i), genome.d_model
+    if genome.latents and i == 0:
+        f = LatentCrossAttention.flops(d, spec, prompt_length if metric == "prefill" else decode_context, genome.latents)
+    else:
+        context = prompt_length if metric == "prefill" else decode_context
+        if genome.latents:  # the stack after the cross-attention runs on the latents only
+            context = min(context, genome.latents)
+        f = registry.flops(d, spec, context, reuse_features=genome.feature_source()[i] is not None)
+    if metric == "prefill":
+        tokens = min(prompt_length, genome.latents) if genome.latents and i > 0 else prompt_length
+        return f.prefill * tokens / 1e9
+    return f.decode / 1e6
+
+
 def layer_counts(genome: Genome) -> dict[str, float]:
-    counts = {f"layers_{f}": 0.0 for f in FAMILY_ORDER}
+    counts = {f"layers_{f}": 0.0 for f in FAMILIES}
     for i in range(genome.n_layers):
-        spec = genome.layer_spec(i)
-        counts[f"layers_{spec.family}"] += 2.0 if spec.differential else 1.0
-    counts["layers_latent_cross"] = 1.0 if genome.latents else 0.0
+        counts[f"layers_{_layer_family(genome, i)}"] += 2.0 if genome.layer_spec(i).differential else 1.0
     return counts
 
 
@@ -81,25 +125,18 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     """Features for `metric` = "decode" (one token at `decode_context`) or "prefill" (`prompt_length` tokens)."""
     if metric not in ("decode", "prefill"):
         raise ValueError(f"unknown latency metric {metric!r} (decode | prefill)")
-    weights_mb = param_count(genome) * bytes_per_weight / 1e6
-    counts = layer_counts(genome)
-    kops = dispatched_ops(genome, prompt_length)[metric] / 1000.0
-    if metric == "decode":
-        return {
-            **counts,
-            "kops": kops,
-            "mflops": flops_per_token(genome, decode_context).decode / 1e6,
-            "weights_mb": weights_mb,
-            "state_mb": cache_bytes(genome, decode_context) / 1e6,
-        }
-    if metric == "prefill":
-        p = float(prompt_length)
-        return {
-            **{k: v * p / 100.0 for k, v in counts.items()},  # per-token work per layer, in units of 100 tokens
-            "kops": kops,
-            "gflops": flops_per_token(genome, prompt_length).prefill * p / 1e9,
-            "weights_mb": weights_mb,
-            "state_mb": cache_bytes(genome, prompt_length) / 1e6,
-            "act_mb": sum(registry.activation_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
-                          for i in range(genome.n_layers)) * bytes_per_weight / 1e6,
-        }
+    ops = dispatched_ops(genome, prompt_length)[metric]
+    groups = ("kops", "flops", "act_mb") if metric == "prefill" else ("kops", "flops")
+    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in groups for f in FAMILIES}}
+    for i in range(genome.n_layers):
+        family = _layer_family(genome, i)
+        features[f"kops_{family}"] += ops["layers"][i] / 1000.0
+        features[f"flops_{family}"] += _layer_flops(genome, i, metric, prompt_length, decode_context)
+        if metric == "prefill":
+            elements = registry.activation_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
+            features[f"act_mb_{family}"] += elements * bytes_per_weight / 1e6
+    context = prompt_length if metric == "prefill" else decode_context
+    features.update({"kops_head": ops["head"] / 1000.0,
+                     "weights_mb": param_count(genome) * bytes_per_weight / 1e6,
+                     "state_mb": cache_bytes(genome, context) / 1e6})
+    return features

@@ -7,7 +7,7 @@ Needs only Python 3.8+, numpy and onnxruntime: this one file is copied into ever
 torch and no factory checkout can run it. It is also the one implementation of the protocol: the factory's own
 profiler (profiles.profiler) imports the measuring functions from here, so local and board numbers are comparable.
 
-Measurement protocol, version 1 (PROTOCOL_VERSION; bump it whenever a change can move a number)
+Measurement protocol, version 2 (PROTOCOL_VERSION; bump it whenever a change can move a number)
 -------------------------------------------------------------------------------------------------
 Sessions
   - onnxruntime InferenceSession with the target's execution providers, first one required: if it is not in
@@ -25,7 +25,8 @@ Workload (batch 1; token ids drawn from a fixed seed, uniformly over the vocabul
   - Decode: the past is built by a real prefill of `decode_context` tokens (its present.* outputs fed as past.*);
     if that prefill fails (a model limited to a shorter context), zeros of the manifest's state shapes are used
     instead and `decode_past` says "zeros". One decode step (input_ids [1,1], position_ids = decode_context) is
-    then run DECODE_WARMUP times untimed and `decode_repeats` times timed, always from the same past, so every
+    then run DECODE_WARMUP times untimed and `decode_repeats` times timed (DECODE_REPEATS_PER_PREFILL_REPEAT x
+    `repeats`, at least DECODE_MIN_STEPS), always from the same past, so every
     sample is a step at exactly `decode_context` tokens. Inputs are numpy arrays (outputs copied back to the host),
     as a plain onnxruntime application would run them.
   - Prefill and decode are timed apart, each sample one session.run call, with time.perf_counter.
@@ -65,13 +66,14 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 PACK_FORMAT = "factory-probe-pack"
 RESULTS_FORMAT = "factory-probe-results"
 FORMAT_VERSION = 1
 
 DEFAULT_REPEATS = 20
 DECODE_REPEATS_PER_PREFILL_REPEAT = 5  # decode steps are cheap: sample them more
+DECODE_MIN_STEPS = 200  # a p95 needs the tail sampled: of 50 steps it is the third-slowest, mostly jitter
 PREFILL_WARMUP = 3
 DECODE_WARMUP = 10
 PROFILED_RUNS = 5
@@ -292,6 +294,10 @@ def decode_feeds(past, context, token=1):
 # ----------------------------------------------------------------------------------------------- timing
 
 
+def default_decode_repeats(repeats):
+    return max(repeats * DECODE_REPEATS_PER_PREFILL_REPEAT, DECODE_MIN_STEPS)
+
+
 def time_runs(session, feeds, warmup, repeats):
     """Milliseconds of each of `repeats` session.run calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -335,7 +341,7 @@ def measure(model_dir, variant, providers, provider_options, threads, prompt_len
     prefill_path, decode_path = variant_paths(model_dir, manifest, variant)
     if repeats < 1:
         raise MeasurementError("repeats must be at least 1")
-    decode_repeats = decode_repeats or repeats * DECODE_REPEATS_PER_PREFILL_REPEAT
+    decode_repeats = decode_repeats or default_decode_repeats(repeats)
     vocab = vocab_size(manifest)
     providers = list(providers)
     provider_options = list(provider_options) or [{} for _ in providers]
@@ -633,7 +639,7 @@ def run_pack(pack_dir, out, threads=None, provider=None, repeats=None, only=None
         "target_fingerprint": pack.get("target_fingerprint"),
         "settings": {
             "providers": providers, "threads": threads, "repeats": repeats,
-            "decode_repeats": repeats * DECODE_REPEATS_PER_PREFILL_REPEAT,
+            "decode_repeats": default_decode_repeats(repeats),
             "prompt_length": settings["prompt_length"], "decode_context": settings["decode_context"],
             "overridden": sorted(k for k, v in (("threads", threads != settings["threads"]),
                                                ("provider", providers != list(settings["providers"]))) if v),
@@ -681,7 +687,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="results JSON to write")
     parser.add_argument("--threads", type=int, help="override the target's intra-op threads (recorded as an override)")
     parser.add_argument("--provider", help="override the execution provider (recorded as an override)")
-    parser.add_argument("--repeats", type=int, help="timed prefill runs per candidate (decode: {}x)".format(DECODE_REPEATS_PER_PREFILL_REPEAT))
+    parser.add_argument("--repeats", type=int, help="timed prefill runs per candidate (decode: {}x, at least {})".format(
+        DECODE_REPEATS_PER_PREFILL_REPEAT, DECODE_MIN_STEPS))
     parser.add_argument("--only", action="append", help="measure only this candidate id (repeatable)")
     parser.add_argument("--top-ops", type=int, default=0, help="also report the N slowest operator types")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probe process")

@@ -3,10 +3,10 @@
 Each line is one record:
 
     {"record_version": 1, "id": "...", "genome_hash": "...", "target": "raspberry-pi-5",
-     "target_fingerprint": "...", "protocol_version": 1, "source": "local" | "board:<hostname>",
+     "target_fingerprint": "...", "protocol_version": 2, "source": "local" | "board:<hostname>",
      "variant": "int8-dynamic", "recorded_at": "2026-...Z", "measurement": {... the profiler's dict ...}}
 
-The latency model fits on `load_measurements(target)`. Lines are appended under a lock with one write each, so a
+The latency model fits on `load_measurements(target, protocol_version=PROTOCOL_VERSION)`. Lines are appended under a lock with one write each, so a
 crash can at worst leave a partial last line, which readers skip.
 """
 

@@ -50,15 +50,19 @@ def test_features_reflect_architecture(metric):
     refs = reference_genomes()
     tpp = latency_features(refs["transformer++"], metric, 512, 512)
     lfm = latency_features(refs["lfm2-like"], metric, 512, 512)
-    per = 1.0 if metric == "decode" else 512 / 100  # prefill counts are per-layer work over the prompt
-    assert tpp["layers_attention"] == pytest.approx(4 * per) and lfm["layers_short_conv"] == pytest.approx(3 * per)
+    rwkv = latency_features(refs["rwkv"], metric, 512, 512)
+    assert tpp["layers_attention"] == 4 and lfm["layers_short_conv"] == 3 and tpp["layers_short_conv"] == 0
     assert tpp["state_mb"] > lfm["state_mb"] > 0
-    # counted operations: a recurrence dispatches more per token than a short convolution
-    assert latency_features(refs["rwkv"], metric, 512, 512)["kops"] > lfm["kops"] > 0
-    if metric == "prefill":  # four layers of 512 x 512 attention scores move more than one layer's
-        assert tpp["act_mb"] > lfm["act_mb"] > 0
+    # counted operations land on the family that dispatched them, the embedding and logits on the head
+    assert tpp["kops_attention"] > 0 and tpp["kops_short_conv"] == 0 and lfm["kops_short_conv"] > 0
+    assert tpp["kops_head"] > 0 and tpp["kops_head"] == pytest.approx(lfm["kops_head"])
+    # a recurrence dispatches more per layer than a short convolution
+    assert rwkv["kops_rwkv"] / rwkv["layers_rwkv"] > lfm["kops_short_conv"] / lfm["layers_short_conv"]
+    assert tpp["flops_attention"] > 0 and tpp["flops_glu"] > 0 and tpp["flops_mamba"] == 0
+    if metric == "prefill":  # four layers of 512 x 512 attention scores move more than the conv layers' inputs
+        assert tpp["act_mb_attention"] > lfm["act_mb_short_conv"] > 0
     else:
-        assert "act_mb" not in tpp
+        assert not any(k.startswith("act_mb") for k in tpp)
     with pytest.raises(ValueError):
         latency_features(refs["rwkv"], "train", 1, 1)
 
@@ -137,8 +141,9 @@ def test_dispatched_operations_grow_with_depth_and_are_deterministic():
 
     two, four = dispatched_ops(genome(2), 64), dispatched_ops(genome(4), 64)
     for metric in ("prefill", "decode"):
-        added = four[metric] - two[metric]  # two more layers: embedding and head are counted once in both
-        assert 0 < added <= two[metric]
+        # per layer: layers 2 and 3 repeat layers 0 and 1, and the embedding and head are counted once in both
+        assert four[metric]["layers"] == two[metric]["layers"] * 2 and all(n > 0 for n in two[metric]["layers"])
+        assert four[metric]["head"] == two[metric]["head"] > 0
     from factory import features
 
     features._OPS_CACHE.clear()

@@ -60,14 +60,16 @@ def budget_ms(target) -> float | None:
 def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
     """(feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board data only.
 
-    Decode samples use p95 (what the budget constrains), prefill samples p50.
+    Decode samples use p95 (what the budget constrains), prefill samples p50. Only measurements of the current
+    protocol version count: an older protocol's numbers are not comparable.
     """
     from factory.features import latency_features
     from factory.genome.schema import Genome
+    from profiles.runner import PROTOCOL_VERSION
     from profiles.store import load_archived_genome, load_measurements
 
     rows, ys, hashes, seen = [], [], [], set()
-    for record in reversed(load_measurements(target)):  # newest first: one sample per genome
+    for record in reversed(load_measurements(target, protocol_version=PROTOCOL_VERSION)):  # newest first: one sample per genome
         if source == "board" and not str(record.get("source", "")).startswith("board:"):
             continue
         h = record.get("genome_hash")
