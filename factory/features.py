@@ -18,7 +18,10 @@ per family, and the linear model learns one price per family and quantity:
 
 f runs over the registry's families plus `latent_cross` (the Perceiver-AR cross-attention layer). Everything but
 the kops come from the genome's formulas alone; the kops compile the model and run it once (cached per genome).
-bench/bench_latency.py measures what each group adds.
+
+One price per family and quantity needs a few dozen measurements; with fewer, one price per quantity predicts
+better (bench/bench_latency.py shows both). So the features come in two VIEWS, "per_family" and "pooled" (each
+group summed over the families), and the latency model keeps the view with the lower held-out error.
 """
 
 from __future__ import annotations
@@ -121,10 +124,28 @@ def layer_counts(genome: Genome) -> dict[str, float]:
     return counts
 
 
-def latency_features(genome: Genome, metric: str, prompt_length: int, decode_context: int, bytes_per_weight: int = 4) -> dict[str, float]:
+PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb")
+
+
+def pooled(features: dict[str, float]) -> dict[str, float]:
+    """The per-family groups summed over the families (`kops_head`, weights and state unchanged)."""
+    out: dict[str, float] = {}
+    for name, value in features.items():
+        group = next((g for g in PER_FAMILY_GROUPS if name in {f"{g}_{f}" for f in FAMILIES}), name)
+        out[group] = out.get(group, 0.0) + value
+    return out
+
+
+VIEWS = {"per_family": lambda features: features, "pooled": pooled}
+
+
+def latency_features(genome: Genome, metric: str, prompt_length: int, decode_context: int, bytes_per_weight: int = 4,
+                     view: str = "per_family") -> dict[str, float]:
     """Features for `metric` = "decode" (one token at `decode_context`) or "prefill" (`prompt_length` tokens)."""
     if metric not in ("decode", "prefill"):
         raise ValueError(f"unknown latency metric {metric!r} (decode | prefill)")
+    if view not in VIEWS:
+        raise ValueError(f"unknown feature view {view!r} ({' | '.join(VIEWS)})")
     ops = dispatched_ops(genome, prompt_length)[metric]
     groups = ("kops", "flops", "act_mb") if metric == "prefill" else ("kops", "flops")
     features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in groups for f in FAMILIES}}
@@ -139,4 +160,4 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     features.update({"kops_head": ops["head"] / 1000.0,
                      "weights_mb": param_count(genome) * bytes_per_weight / 1e6,
                      "state_mb": cache_bytes(genome, context) / 1e6})
-    return features
+    return VIEWS[view](features)

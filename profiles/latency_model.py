@@ -5,7 +5,9 @@ with weights 1/y so that it minimises relative error, which is what a budget che
 and a ranker, re-fitted as measurements arrive: a winner's latency is always measured, never predicted.
 
 Accuracy is reported on held-out samples (k-fold): the share of predictions within +-10% and the mean relative
-error.
+error. A caller with several ways to describe a sample (feature views: coarse ones need fewer samples, fine ones
+fit better once there are enough) lets `fit_best_view` keep the view with the lower held-out error; the model
+records its view, and its rows must be built with it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 
 
 def _nonneg_weighted_lstsq(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
@@ -47,6 +49,7 @@ class LatencyModel:
     intercept: float = 0.0
     n_samples: int = 0
     accuracy: dict = field(default_factory=dict)
+    view: str = "default"  # how the caller built the feature rows (see fit_best_view)
 
     def _matrix(self, rows: list[dict]) -> np.ndarray:
         return np.array([[float(r.get(f, 0.0)) for f in self.feature_names] + [1.0] for r in rows])
@@ -67,12 +70,13 @@ class LatencyModel:
 
     def to_dict(self) -> dict:
         return {"model_version": MODEL_VERSION, "metric": self.metric, "feature_names": self.feature_names,
-                "coef": self.coef, "intercept": self.intercept, "n_samples": self.n_samples, "accuracy": self.accuracy}
+                "coef": self.coef, "intercept": self.intercept, "n_samples": self.n_samples, "accuracy": self.accuracy,
+                "view": self.view}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
         return cls(d["metric"], list(d["feature_names"]), list(d["coef"]), d["intercept"], d.get("n_samples", 0),
-                   d.get("accuracy", {}))
+                   d.get("accuracy", {}), d.get("view", "default"))
 
     def save(self, path) -> None:
         from pathlib import Path
@@ -117,7 +121,41 @@ def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int =
     return accuracy_summary(errors)
 
 
-def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5) -> LatencyModel:
-    model = LatencyModel(metric, sorted(rows[0])).fit(rows, y)
+def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5, view: str = "default") -> LatencyModel:
+    model = LatencyModel(metric, sorted(rows[0]), view=view).fit(rows, y)
     model.accuracy = cross_validate(metric, rows, y, folds)
     return model
+
+
+def _best_view(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int) -> LatencyModel:
+    fitted = [fit_with_accuracy(metric, rows, y, folds, view) for view, rows in rows_by_view.items()]
+    return min(fitted, key=lambda m: _finite(m.accuracy["mean_relative_error"]))
+
+
+def _finite(x: float) -> float:
+    return x if np.isfinite(x) else np.inf
+
+
+def fit_best_view(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int = 5, seed: int = 0) -> LatencyModel:
+    """One model per view of the same samples; keep the lowest held-out mean relative error (the first on a tie).
+
+    Its `accuracy` is the choice's own held-out accuracy (nested: in each fold the view is chosen without the
+    held-out samples, so picking the better view does not flatter the number); `accuracy["views"]` has each view's.
+    """
+    y = np.asarray(y, dtype=float)
+    best = _best_view(metric, rows_by_view, y, folds)
+    n = len(y)
+    errors = np.array([])
+    if n >= 3:
+        folds_ = min(folds, n)
+        order = np.random.default_rng(seed).permutation(n)
+        errors = np.empty(n)
+        for k in range(folds_):
+            test = order[k::folds_]
+            train = np.setdiff1d(order, test)
+            chosen = _best_view(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()}, y[train], folds)
+            held_out = [rows_by_view[chosen.view][i] for i in test]
+            errors[test] = relative_errors(chosen.predict(held_out), y[test])
+    views = {v: cross_validate(metric, rows, y, folds, seed) for v, rows in rows_by_view.items()}
+    best.accuracy = {**accuracy_summary(errors), "views": views}
+    return best

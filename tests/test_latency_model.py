@@ -5,7 +5,7 @@ import pytest
 
 from factory.features import latency_features
 from factory.genome.references import reference_genomes
-from profiles.latency_model import LatencyModel, cross_validate, fit_with_accuracy, relative_errors
+from profiles.latency_model import LatencyModel, cross_validate, fit_best_view, fit_with_accuracy, relative_errors
 
 
 def test_recovers_a_nonnegative_linear_law():
@@ -43,6 +43,37 @@ def test_model_round_trips_through_json(tmp_path):
 
     back = LatencyModel.from_dict(json.loads((tmp_path / "m.json").read_text()))
     assert back.predict_one({"x": 4.0}) == pytest.approx(12.0, rel=1e-4)
+
+
+def test_best_view_is_chosen_by_held_out_error_and_reported_nested():
+    """Two families with different prices per layer: the per-family view recovers the law, the pooled view
+    (one price for both) cannot; with the law pooled, the pooled view wins (fewer coefficients to fit)."""
+    rng = np.random.default_rng(3)
+    fine = [{"a": float(rng.integers(0, 6)), "b": float(rng.integers(0, 6))} for _ in range(40)]
+    coarse = [{"layers": r["a"] + r["b"]} for r in fine]
+    views = {"per_family": fine, "pooled": coarse}
+    per_family_law = np.array([1.0 + 3.0 * r["a"] + 0.5 * r["b"] for r in fine])
+    m = fit_best_view("prefill", views, per_family_law)
+    assert m.view == "per_family" and m.accuracy["within_10pct"] == 1.0
+    assert m.accuracy["views"]["pooled"]["mean_relative_error"] > 0.1
+    assert m.predict_one({"a": 2.0, "b": 4.0}) == pytest.approx(9.0, rel=1e-3)
+    noise = rng.uniform(0.9, 1.1, len(fine))
+    pooled_law = np.array([1.0 + 2.0 * r["layers"] for r in coarse]) * noise
+    m = fit_best_view("prefill", views, pooled_law)
+    assert m.view == "pooled" and set(m.accuracy["views"]) == {"per_family", "pooled"}
+    assert m.accuracy["n"] == 40 and 0 < m.accuracy["mean_relative_error"] < 0.1  # every sample predicted held out
+    assert LatencyModel.from_dict(m.to_dict()).view == "pooled"
+
+
+def test_pooled_view_sums_each_group_over_families():
+    from factory.features import pooled
+
+    f = latency_features(reference_genomes()["lfm2-like"], "prefill", 128, 128)
+    p = pooled(f)
+    assert p["layers"] == sum(v for k, v in f.items() if k.startswith("layers_")) > 0
+    assert p["kops"] == pytest.approx(sum(v for k, v in f.items() if k.startswith("kops_") and k != "kops_head"))
+    assert p["kops_head"] == f["kops_head"] and p["state_mb"] == f["state_mb"]
+    assert not any(k.startswith("layers_") for k in p)
 
 
 @pytest.mark.parametrize("metric", ["decode", "prefill"])

@@ -115,9 +115,14 @@ def model_command(
         emit_json(data)
         return
     a = model.accuracy
-    console.print(f"{resolved.name}: {metric} latency model fitted on {model.n_samples} measurements")
+    console.print(f"{resolved.name}: {metric} latency model fitted on {model.n_samples} measurements, "
+                  f"{model.view.replace('_', ' ')} features")
     console.print(f"held-out (5-fold, {a['n']} predictions): {a['within_10pct']:.0%} of predictions within +-10%, mean relative "
                   f"error {a['mean_relative_error']:.1%}, max {a['max_relative_error']:.1%}")
+    for view, v in sorted(a.get("views", {}).items()):
+        if view != model.view:
+            console.print(f"  ({view.replace('_', ' ')} features: {v['within_10pct']:.0%} within +-10%, mean relative "
+                          f"error {v['mean_relative_error']:.1%})")
     table = Table(title="milliseconds per unit of each feature (non-negative)")
     table.add_column("feature")
     table.add_column("coefficient", justify="right")

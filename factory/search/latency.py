@@ -57,7 +57,8 @@ def budget_ms(target) -> float | None:
 
 
 # -- fitting from the store ------------------------------------------------------------------------------------------
-def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
+def training_samples(target, metric: str, source: str | None = None,
+                     view: str = "per_family") -> tuple[list[dict], list[float], list[str]]:
     """(feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board data only.
 
     Decode samples use p95 (what the budget constrains), prefill samples p50. Only measurements of the current
@@ -81,7 +82,7 @@ def training_samples(target, metric: str, source: str | None = None) -> tuple[li
         if genome_dict is None:
             continue
         genome = Genome.from_dict(genome_dict)
-        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context))
+        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context, view=view))
         ys.append(float(value))
         hashes.append(h)
         seen.add(h)
@@ -89,20 +90,23 @@ def training_samples(target, metric: str, source: str | None = None) -> tuple[li
 
 
 def fit_latency_model(target, metric: str | None = None, source: str | None = None):
-    """A latency model for the target from its stored measurements (None when there are too few)."""
-    from profiles.latency_model import fit_with_accuracy
+    """A latency model for the target from its stored measurements (None when there are too few), in the feature
+    view that predicts held-out samples best (factory.features: pooled with few samples, per family with more)."""
+    from factory.features import VIEWS
+    from profiles.latency_model import fit_best_view
 
     metric = metric or latency_metric(target)
     rows, ys, _ = training_samples(target, metric, source)
     if len(ys) < MIN_SAMPLES_TO_PREDICT:
         return None
-    return fit_with_accuracy(metric, rows, ys)
+    return fit_best_view(metric, {name: [view(r) for r in rows] for name, view in VIEWS.items()}, ys)
 
 
 def predict_ms(model, genome, target) -> float:
     from factory.features import latency_features
 
-    return model.predict_one(latency_features(genome, model.metric, target.prompt_length, target.decode_context))
+    return model.predict_one(latency_features(genome, model.metric, target.prompt_length, target.decode_context,
+                                              view=model.view))
 
 
 class LatencyPrefilter:
@@ -128,21 +132,32 @@ class LatencyPrefilter:
 
 
 # -- the evaluation stage -------------------------------------------------------------------------------------------
-def measure_model(model, target, workdir: Path, repeats: int = PROFILE_REPEATS, corpus: str | None = None) -> dict:
-    """Export a model for the target (its quantization), verify it, and measure it with onnxruntime here."""
+def export_for_target(model, target, out: Path, corpus: str | None = None) -> Path:
+    """Export a model for the target (its quantization) into `out` and verify it (export.pipeline)."""
     from export.pipeline import ExportRequest, export_checkpoint
     from factory.data.corpus import load_corpus
     from factory.train import TrainConfig, TrainResult, save_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=".checkpoint-"))
+    try:
+        stub = TrainResult(status="ok", val_loss=float("nan"), val_bpb=float("nan"), tokens=0, steps=0, wall_s=0.0,
+                           tokens_per_s=0.0)
+        save_checkpoint(scratch, model, stub, TrainConfig(tokens=1), load_corpus(corpus))
+        export_checkpoint(ExportRequest(checkpoint=scratch, out=out, target=target, corpus=corpus))
+        return out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_model(model, target, workdir: Path, repeats: int = PROFILE_REPEATS, corpus: str | None = None) -> dict:
+    """Export a model for the target, verify it, and measure it with onnxruntime here (the export is discarded)."""
     from profiles.profiler import profile_artifact
 
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="profile-"))
     try:
-        ckpt = scratch / "checkpoint"
-        stub = TrainResult(status="ok", val_loss=float("nan"), val_bpb=float("nan"), tokens=0, steps=0, wall_s=0.0,
-                           tokens_per_s=0.0)
-        save_checkpoint(ckpt, model, stub, TrainConfig(tokens=1), load_corpus(corpus))
-        export_checkpoint(ExportRequest(checkpoint=ckpt, out=scratch / "export", target=target, corpus=corpus))
+        export_for_target(model, target, scratch / "export", corpus)
         return profile_artifact(scratch / "export", target, repeats=repeats, record=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
