@@ -101,19 +101,21 @@ def main() -> int:
         m = profile_artifact(export_dir, target, repeats=args.repeats, record=True)
         return {q: m[f"{q.split('_')[0]}_ms"][q.split("_")[1]] for q in ("decode_p50", "decode_p95", "prefill_p50")}
 
+    def exported(g) -> Path:
+        export_dir = args.out / "exports" / g.hash()
+        if not (export_dir / "manifest.json").is_file():
+            export_for_target(LIVModel(g).eval(), target, export_dir)
+        return export_dir
+
     t0 = time.time()
-    exports = {}
     for pass_ in (1, 2):
         for i, g in enumerate(genomes):
             key = f"{g.hash()}:{setting}"
             entry = cache.setdefault(key, {"hash": g.hash()})
             if "failed" in entry or f"pass{pass_}" in entry:
                 continue
-            export_dir = args.out / "exports" / g.hash()
             try:
-                if not (export_dir / "manifest.json").is_file():
-                    export_for_target(LIVModel(g).eval(), target, export_dir)
-                entry[f"pass{pass_}"] = profile(export_dir)
+                entry[f"pass{pass_}"] = profile(exported(g))
             except FactoryError as e:  # one genome that cannot be exported or measured must not stop the benchmark
                 entry["failed"] = str(e).splitlines()[0]
             save_cache()
@@ -121,7 +123,6 @@ def main() -> int:
             print(f"[pass {pass_} {i + 1}/{len(genomes)}] {g.hash()[:10]} " + (
                 f"decode p50/p95 {shown['decode_p50']:.3f}/{shown['decode_p95']:.3f} ms, prefill p50 "
                 f"{shown['prefill_p50']:.2f} ms" if shown else f"FAILED: {entry['failed']}"), flush=True)
-            exports[g.hash()] = export_dir
 
     samples, failed = [], []
     for g in genomes:
@@ -162,8 +163,9 @@ def main() -> int:
 
     # Repeatability: the first two genomes, each profiled three more times.
     repeated, spread = {}, {}
+    by_hash = {g.hash(): g for g in genomes}
     for s in samples[:2]:
-        repeat = [profile(exports[s["hash"]]) for _ in range(3)]
+        repeat = [profile(exported(by_hash[s["hash"]])) for _ in range(3)]
         for q in QUANTITIES:
             values = [r[q] for r in repeat]
             repeated[f"{s['hash'][:10]} {q}"] = values

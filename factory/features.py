@@ -10,8 +10,8 @@ per family, and the linear model learns one price per family and quantity:
                 onnxruntime's time is mostly per-node overhead, and the exported graph has about one node per
                 operation
     flops_<f>   their arithmetic: GFLOP of the prefill, MFLOP of one decode step at `decode_context`
-    act_mb_<f>  prefill only: their largest intermediate tensors for the prompt (chunked scans and score matrices
-                are bound by moving these, not by their FLOPs)
+    act_mb_<f>  prefill only: what their intermediates for the prompt write (registry.traffic_elements: chunked
+                scans, score matrices and convolutions' unrolled inputs are bound by moving these, not by FLOPs)
     kops_head   operations of the embedding, final norm and logits
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
@@ -154,7 +154,7 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
         features[f"kops_{family}"] += ops["layers"][i] / 1000.0
         features[f"flops_{family}"] += _layer_flops(genome, i, metric, prompt_length, decode_context)
         if metric == "prefill":
-            elements = registry.activation_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
+            elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
             features[f"act_mb_{family}"] += elements * bytes_per_weight / 1e6
     context = prompt_length if metric == "prefill" else decode_context
     features.update({"kops_head": ops["head"] / 1000.0,

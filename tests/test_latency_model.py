@@ -179,3 +179,17 @@ def test_dispatched_operations_grow_with_depth_and_are_deterministic():
 
     features._OPS_CACHE.clear()
     assert dispatched_ops(genome(4), 64) == four  # counted again from scratch: the same
+
+
+def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
+    """Convolutions' unrolled inputs (onnxruntime's im2col) grow with the filter length; the peak-memory estimate
+    (activation_elements) does not count them, every other operator's traffic is its live intermediates."""
+    from factory.ops import registry
+
+    long_conv = registry.default_spec("long_conv")
+    short, wide = long_conv.with_(window=16), long_conv.with_(window=256)
+    assert registry.activation_elements(64, short, 512) == registry.activation_elements(64, wide, 512)
+    assert registry.traffic_elements(64, wide, 512) - registry.traffic_elements(64, short, 512) == 512 * 240 * 64
+    for name in registry.families():
+        for spec in registry.spec_variants(name, d_model=64, context=128):
+            assert registry.traffic_elements(64, spec, 128) >= registry.activation_elements(64, spec, 128) > 0

@@ -158,6 +158,13 @@ class LIVOperator(nn.Module):
         """
         return 4 * tokens * d_model
 
+    @classmethod
+    def traffic_elements(cls, d_model: int, spec: OpSpec, tokens: int) -> int:
+        """Elements the parallel form writes into intermediates while processing `tokens` positions, including
+        buffers an onnxruntime kernel makes for itself that are never live together (a latency feature, not a
+        memory bound). The default: the largest live intermediates."""
+        return cls.activation_elements(d_model, spec, tokens)
+
     def extra_repr(self) -> str:
         return f"family={self.family}, d_model={self.d_model}"
 

@@ -167,6 +167,13 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return y.transpose(1, 2)
 
 
+def depthwise_conv_traffic(tokens: int, taps: int, channels: int) -> int:
+    """Elements onnxruntime's CPU Conv writes for `causal_depthwise_conv`: it unrolls each channel's input into a
+    [taps, tokens] matrix (im2col) before a GEMM, one channel at a time, so long filters cost far more than their
+    FLOPs (bench/bench_latency.py: prefill under-predicted by ~20% per 256-tap layer without this term)."""
+    return tokens * taps * channels
+
+
 def conv_state_from_prefill(x: torch.Tensor, k: int) -> torch.Tensor:
     """The last k-1 inputs of a prompt ([B, T, C] -> [B, k-1, C]), zero-padded on the left for short prompts."""
     padded = F.pad(x, (0, 0, k - 1, 0))

@@ -30,6 +30,7 @@ from factory.ops.base import Flops, LIVOperator, OpSpec, State
 from factory.ops.common import (
     GROUPS,
     causal_depthwise_conv,
+    depthwise_conv_traffic,
     channel_mix,
     channel_mix_flops,
     channel_mix_params,
@@ -135,6 +136,10 @@ class LongConv(LIVOperator):
             spec.channel_mixing, d_model, d_model
         )
         return Flops(f, f)
+
+    @classmethod
+    def traffic_elements(cls, d_model, spec, tokens):
+        return cls.activation_elements(d_model, spec, tokens) + depthwise_conv_traffic(tokens, spec.window, d_model)
 
     @classmethod
     def constraint_errors(cls, d_model, spec, context):

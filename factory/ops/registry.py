@@ -181,6 +181,11 @@ def activation_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
     return 2 * n if spec.differential else n
 
 
+def traffic_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
+    n = family(spec.family).traffic_elements(d_model, _base(spec), tokens)
+    return 2 * n if spec.differential else n
+
+
 def feature_kinds(spec: OpSpec) -> tuple[str, ...]:
     return family(spec.family).feature_kinds
 

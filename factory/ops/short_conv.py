@@ -18,6 +18,7 @@ from torch import nn
 from factory.ops.base import Flops, LIVOperator, OpSpec, State
 from factory.ops.common import (
     causal_depthwise_conv,
+    depthwise_conv_traffic,
     channel_mix,
     channel_mix_flops,
     channel_mix_params,
@@ -78,3 +79,7 @@ class ShortConv(LIVOperator):
             spec.channel_mixing, d_model, d_model
         )
         return Flops(f, f)
+
+    @classmethod
+    def traffic_elements(cls, d_model, spec, tokens):
+        return cls.activation_elements(d_model, spec, tokens) + depthwise_conv_traffic(tokens, spec.kernel, d_model)

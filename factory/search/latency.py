@@ -57,9 +57,9 @@ def budget_ms(target) -> float | None:
 
 
 # -- fitting from the store ------------------------------------------------------------------------------------------
-def training_samples(target, metric: str, source: str | None = None,
-                     view: str = "per_family") -> tuple[list[dict], list[float], list[str]]:
-    """(feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board data only.
+def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
+    """(per-family feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board
+    data only.
 
     Decode samples use p95 (what the budget constrains), prefill samples p50. Only measurements of the current
     protocol version count: an older protocol's numbers are not comparable.
@@ -70,7 +70,8 @@ def training_samples(target, metric: str, source: str | None = None,
     from profiles.store import load_archived_genome, load_measurements
 
     rows, ys, hashes, seen = [], [], [], set()
-    for record in reversed(load_measurements(target, protocol_version=PROTOCOL_VERSION)):  # newest first: one sample per genome
+    records = load_measurements(target, protocol_version=PROTOCOL_VERSION)
+    for record in reversed(records):  # newest first: one sample per genome
         if source == "board" and not str(record.get("source", "")).startswith("board:"):
             continue
         h = record.get("genome_hash")
@@ -82,7 +83,7 @@ def training_samples(target, metric: str, source: str | None = None,
         if genome_dict is None:
             continue
         genome = Genome.from_dict(genome_dict)
-        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context, view=view))
+        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context))
         ys.append(float(value))
         hashes.append(h)
         seen.add(h)
