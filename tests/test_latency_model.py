@@ -193,3 +193,37 @@ def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     for name in registry.families():
         for spec in registry.spec_variants(name, d_model=64, context=128):
             assert registry.traffic_elements(64, spec, 128) >= registry.activation_elements(64, spec, 128) > 0
+
+
+def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_path, monkeypatch):
+    """A genome measured twice counts once, at its lower value (interference only adds time); measurements taken
+    with other threads or another prompt length, or under another protocol, do not count."""
+    from factory.search.latency import training_samples
+    from profiles import PROTOCOL_VERSION, record_measurement
+    from profiles.store import archive_genome
+    from targets import load_target
+
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    target = load_target("laptop-cpu")
+    refs = reference_genomes()
+    a, b = refs["transformer++"], refs["lfm2-like"]
+    for g in (a, b):
+        archive_genome({"genome_hash": g.hash(), "genome": g.to_dict()})
+
+    def measured(genome, prefill_ms, **settings):
+        m = {"genome_hash": genome.hash(), "protocol_version": PROTOCOL_VERSION, "variant": "optimized",
+             "threads": target.threads, "provider": target.provider, "prompt_length": target.prompt_length,
+             "decode_context": target.decode_context, "prefill_ms": {"p50": prefill_ms, "p95": prefill_ms * 1.1},
+             "decode_ms": {"p50": 0.1, "p95": 0.2}}
+        record_measurement(target, {**m, **settings})
+
+    measured(a, 5.0)
+    measured(a, 3.0)  # a quieter second profile of the same genome
+    measured(a, 9.0)
+    measured(b, 1.0, threads=1)  # a --threads override
+    measured(b, 1.5, prompt_length=128)  # before the target's prompt length was edited
+    measured(b, 2.0, protocol_version=PROTOCOL_VERSION - 1)
+    measured(b, 4.0)
+    rows, ys, hashes = training_samples(target, "prefill")
+    assert dict(zip(hashes, ys)) == {a.hash(): 3.0, b.hash(): 4.0}
+    assert rows[hashes.index(a.hash())]["layers_attention"] == 4

@@ -107,9 +107,14 @@ def model_command(
     board = "board" if source == "board" else None
     model = fit_latency_model(resolved, metric, board)
     if model is None:
+        from profiles.store import load_measurements
+
         n = len(training_samples(resolved, metric, board)[1])
+        others = len(load_measurements(resolved)) - n
+        why = (f"; {others} other records were measured with other settings (threads, provider, prompt length, "
+               f"context, protocol) or repeat a genome" if others > 0 else "")
         fail(f"{resolved.name}: {n} usable {metric} measurements stored, the latency model needs at least "
-             f"{MIN_SAMPLES_TO_PREDICT} (measure more with `factory profile` or import a board's results)")
+             f"{MIN_SAMPLES_TO_PREDICT} (measure more with `factory profile` or import a board's results){why}")
     data = {"target": resolved.name, **model.to_dict()}
     if as_json:
         emit_json(data)

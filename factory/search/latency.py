@@ -57,36 +57,43 @@ def budget_ms(target) -> float | None:
 
 
 # -- fitting from the store ------------------------------------------------------------------------------------------
+def _comparable(measurement: dict, target) -> bool:
+    """Measured with the target's current settings (a threads override or an edited prompt length is not)."""
+    return (measurement.get("threads") == target.threads and measurement.get("provider") == target.provider
+            and measurement.get("prompt_length") == target.prompt_length
+            and measurement.get("decode_context") == target.decode_context)
+
+
 def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
     """(per-family feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board
     data only.
 
     Decode samples use p95 (what the budget constrains), prefill samples p50. Only measurements of the current
-    protocol version count: an older protocol's numbers are not comparable.
+    protocol version taken with the target's current settings count. A genome measured more than once counts
+    once, with its lowest value: interference from other work only ever adds time (bench/bench_latency.py).
     """
     from factory.features import latency_features
     from factory.genome.schema import Genome
     from profiles.runner import PROTOCOL_VERSION
     from profiles.store import load_archived_genome, load_measurements
 
-    rows, ys, hashes, seen = [], [], [], set()
-    records = load_measurements(target, protocol_version=PROTOCOL_VERSION)
-    for record in reversed(records):  # newest first: one sample per genome
+    lowest: dict[str, float] = {}
+    for record in load_measurements(target, protocol_version=PROTOCOL_VERSION):
         if source == "board" and not str(record.get("source", "")).startswith("board:"):
             continue
-        h = record.get("genome_hash")
-        m = record.get("measurement", {})
+        h, m = record.get("genome_hash"), record.get("measurement", {})
         value = (m.get("decode_ms") or {}).get("p95") if metric == "decode" else (m.get("prefill_ms") or {}).get("p50")
-        if h in seen or value is None or not math.isfinite(float(value)):
+        if h is None or value is None or not math.isfinite(float(value)) or not _comparable(m, target):
             continue
+        lowest[h] = min(float(value), lowest.get(h, math.inf))
+    rows, ys, hashes = [], [], []
+    for h, value in lowest.items():
         genome_dict = load_archived_genome(h)
         if genome_dict is None:
             continue
-        genome = Genome.from_dict(genome_dict)
-        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context))
-        ys.append(float(value))
+        rows.append(latency_features(Genome.from_dict(genome_dict), metric, target.prompt_length, target.decode_context))
+        ys.append(value)
         hashes.append(h)
-        seen.add(h)
     return rows, ys, hashes
 
 
