@@ -19,9 +19,10 @@ per family, and the linear model learns one price per family and quantity:
 f runs over the registry's families plus `latent_cross` (the Perceiver-AR cross-attention layer). Everything but
 the kops come from the genome's formulas alone; the kops compile the model and run it once (cached per genome).
 
-One price per family and quantity needs a few dozen measurements; with fewer, one price per quantity predicts
-better (bench/bench_latency.py shows both). So the features come in two VIEWS, "per_family" and "pooled" (each
-group summed over the families), and the latency model keeps the view with the lower held-out error.
+One price per family and quantity has several times more coefficients to fit than one price per quantity, so with
+few measurements the coarser model can predict better. The features therefore come in two VIEWS, "per_family" and
+"pooled" (each group summed over the families), and the latency model keeps the view with the lower held-out
+error at every re-fit (bench/bench_latency.py reports both).
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from factory.genome.codec import FAMILY_ORDER
-from factory.genome.metrics import cache_bytes, param_count
+from factory.genome.metrics import cache_bytes, layer_flops, param_count
 from factory.genome.schema import Genome
 from factory.ops import registry
-from factory.ops.perceiver import LatentCrossAttention
 
 FAMILIES = (*FAMILY_ORDER, "latent_cross")
 HEAD = "head"
@@ -97,41 +97,26 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
     return _OPS_CACHE[key]
 
 
-def _layer_family(genome: Genome, i: int) -> str:
+def layer_family(genome: Genome, i: int) -> str:
     return "latent_cross" if genome.latents and i == 0 else genome.layer_spec(i).family
-
-
-def _layer_flops(genome: Genome, i: int, metric: str, prompt_length: int, decode_context: int) -> float:
-    """GFLOP of layer i's prefill over the prompt, or MFLOP of its decode step."""
-    spec, d = genome.layer_spec(i), genome.d_model
-    if genome.latents and i == 0:
-        f = LatentCrossAttention.flops(d, spec, prompt_length if metric == "prefill" else decode_context, genome.latents)
-    else:
-        context = prompt_length if metric == "prefill" else decode_context
-        if genome.latents:  # the stack after the cross-attention runs on the latents only
-            context = min(context, genome.latents)
-        f = registry.flops(d, spec, context, reuse_features=genome.feature_source()[i] is not None)
-    if metric == "prefill":
-        tokens = min(prompt_length, genome.latents) if genome.latents and i > 0 else prompt_length
-        return f.prefill * tokens / 1e9
-    return f.decode / 1e6
 
 
 def layer_counts(genome: Genome) -> dict[str, float]:
     counts = {f"layers_{f}": 0.0 for f in FAMILIES}
     for i in range(genome.n_layers):
-        counts[f"layers_{_layer_family(genome, i)}"] += 2.0 if genome.layer_spec(i).differential else 1.0
+        counts[f"layers_{layer_family(genome, i)}"] += 2.0 if genome.layer_spec(i).differential else 1.0
     return counts
 
 
 PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb")
+_GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for family in FAMILIES}
 
 
 def pooled(features: dict[str, float]) -> dict[str, float]:
     """The per-family groups summed over the families (`kops_head`, weights and state unchanged)."""
     out: dict[str, float] = {}
     for name, value in features.items():
-        group = next((g for g in PER_FAMILY_GROUPS if name in {f"{g}_{f}" for f in FAMILIES}), name)
+        group = _GROUP_OF.get(name, name)
         out[group] = out.get(group, 0.0) + value
     return out
 
@@ -149,10 +134,14 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     ops = dispatched_ops(genome, prompt_length)[metric]
     groups = ("kops", "flops", "act_mb") if metric == "prefill" else ("kops", "flops")
     features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in groups for f in FAMILIES}}
+    if metric == "prefill":  # GFLOP of each layer over the prompt
+        flops = [f.prefill * prompt_length / 1e9 for f in layer_flops(genome, prompt_length)]
+    else:  # MFLOP of each layer's decode step
+        flops = [f.decode / 1e6 for f in layer_flops(genome, decode_context)]
     for i in range(genome.n_layers):
-        family = _layer_family(genome, i)
+        family = layer_family(genome, i)
         features[f"kops_{family}"] += ops["layers"][i] / 1000.0
-        features[f"flops_{family}"] += _layer_flops(genome, i, metric, prompt_length, decode_context)
+        features[f"flops_{family}"] += flops[i]
         if metric == "prefill":
             elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
             features[f"act_mb_{family}"] += elements * bytes_per_weight / 1e6

@@ -199,6 +199,17 @@ def rungs(min_budget: int, max_budget: int, eta: float = 3) -> list[int]:
     return [int(round(max_budget / eta**i)) for i in range(k, -1, -1)]
 
 
+def promoted_count(n: int, eta: float = 3, fraction: float | None = None) -> int:
+    """How many of n results advance to the next rung: floor(n / eta) (or floor(n * fraction)), at least one."""
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        return max(1, int(n * fraction + 1e-9))
+    if eta <= 1:
+        raise ValueError(f"eta must be > 1, got {eta}")
+    return max(1, int(n / eta + 1e-9))
+
+
 def promote(
     results: Sequence[tuple[Hashable, float]],
     eta: float = 3,
@@ -210,14 +221,7 @@ def promote(
     deterministic (ids must be mutually comparable, e.g. all str)."""
     if not results:
         return []
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        keep = int(len(results) * fraction + 1e-9)
-    else:
-        if eta <= 1:
-            raise ValueError(f"eta must be > 1, got {eta}")
-        keep = int(len(results) / eta + 1e-9)
+    keep = promoted_count(len(results), eta, fraction)
     sign = 1.0 if lower_is_better else -1.0
 
     def key(item):
@@ -225,4 +229,4 @@ def promote(
         ok = score is not None and math.isfinite(score)
         return (not ok, sign * score if ok else 0.0, ident)
 
-    return [ident for ident, _ in sorted(results, key=key)[: max(1, keep)]]
+    return [ident for ident, _ in sorted(results, key=key)[:keep]]

@@ -103,22 +103,32 @@ def accuracy_summary(errors: np.ndarray) -> dict:
     }
 
 
-def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int = 0) -> dict:
-    """Held-out accuracy: every sample is predicted by a model fitted without it (k-fold)."""
-    y = np.asarray(y, dtype=float)
+def _held_out_errors(y: np.ndarray, folds: int, seed: int, predict) -> np.ndarray:
+    """k-fold: `predict(train, test)` (index arrays) predicts the test samples from a model fitted on the train
+    ones; the relative error of every sample, each predicted without it (empty below 3 samples)."""
     n = len(y)
     if n < 3:
-        return accuracy_summary(np.array([]))
+        return np.array([])
     folds = min(folds, n)
     order = np.random.default_rng(seed).permutation(n)
     errors = np.empty(n)
-    names = sorted(rows[0])
     for k in range(folds):
         test = order[k::folds]
         train = np.setdiff1d(order, test)
-        m = LatencyModel(metric, names).fit([rows[i] for i in train], y[train])
-        errors[test] = relative_errors(m.predict([rows[i] for i in test]), y[test])
-    return accuracy_summary(errors)
+        errors[test] = relative_errors(predict(train, test), y[test])
+    return errors
+
+
+def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int = 0) -> dict:
+    """Held-out accuracy: every sample is predicted by a model fitted without it (k-fold)."""
+    y = np.asarray(y, dtype=float)
+    names = sorted(rows[0]) if rows else []
+
+    def predict(train, test):
+        model = LatencyModel(metric, names).fit([rows[i] for i in train], y[train])
+        return model.predict([rows[i] for i in test])
+
+    return accuracy_summary(_held_out_errors(y, folds, seed, predict))
 
 
 def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5, view: str = "default") -> LatencyModel:
@@ -127,35 +137,30 @@ def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5, view: st
     return model
 
 
-def _best_view(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int) -> LatencyModel:
+def _fit_views(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int) -> tuple[LatencyModel, list]:
+    """(the view with the lowest held-out mean relative error, the first on a tie; every view's model)."""
     fitted = [fit_with_accuracy(metric, rows, y, folds, view) for view, rows in rows_by_view.items()]
-    return min(fitted, key=lambda m: _finite(m.accuracy["mean_relative_error"]))
+
+    def error(m: LatencyModel) -> float:
+        e = m.accuracy["mean_relative_error"]
+        return e if np.isfinite(e) else np.inf
+
+    return min(fitted, key=error), fitted
 
 
-def _finite(x: float) -> float:
-    return x if np.isfinite(x) else np.inf
-
-
-def fit_best_view(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int = 5, seed: int = 0) -> LatencyModel:
+def fit_best_view(metric: str, rows_by_view: dict[str, list[dict]], y, folds: int = 5) -> LatencyModel:
     """One model per view of the same samples; keep the lowest held-out mean relative error (the first on a tie).
 
     Its `accuracy` is the choice's own held-out accuracy (nested: in each fold the view is chosen without the
     held-out samples, so picking the better view does not flatter the number); `accuracy["views"]` has each view's.
     """
     y = np.asarray(y, dtype=float)
-    best = _best_view(metric, rows_by_view, y, folds)
-    n = len(y)
-    errors = np.array([])
-    if n >= 3:
-        folds_ = min(folds, n)
-        order = np.random.default_rng(seed).permutation(n)
-        errors = np.empty(n)
-        for k in range(folds_):
-            test = order[k::folds_]
-            train = np.setdiff1d(order, test)
-            chosen = _best_view(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()}, y[train], folds)
-            held_out = [rows_by_view[chosen.view][i] for i in test]
-            errors[test] = relative_errors(chosen.predict(held_out), y[test])
-    views = {v: cross_validate(metric, rows, y, folds, seed) for v, rows in rows_by_view.items()}
-    best.accuracy = {**accuracy_summary(errors), "views": views}
+    best, fitted = _fit_views(metric, rows_by_view, y, folds)
+
+    def predict(train, test):
+        chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()}, y[train], folds)
+        return chosen.predict([rows_by_view[chosen.view][i] for i in test])
+
+    best.accuracy = {**accuracy_summary(_held_out_errors(y, folds, 0, predict)),
+                     "views": {m.view: m.accuracy for m in fitted}}
     return best

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 
 from factory.search.config import Budgets, SearchConfig
 from factory.search.run import start_search
+from search_kill import kill_search_midway
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(n_layers=3, d_model=32, context=64, families=("glu", "short_conv"), population=4, generations=3,
@@ -112,25 +111,7 @@ def reference_run(tmp_path_factory) -> Path:
 # -- tests -----------------------------------------------------------------------------------------------------
 def test_killed_run_resumes_without_losing_or_repeating_evaluations(tmp_path, reference_run, capsys):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "factory", "search", *TINY_CLI, "--out", str(out)], env=ENV,
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:  # kill mid-run: after some evaluations are committed, before the end
-            if (out / "search.db").exists():
-                try:
-                    n = len(db_rows(out))
-                except sqlite3.OperationalError:
-                    n = 0
-                if n >= 6:
-                    break
-            assert proc.poll() is None, "the run finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("no evaluation committed within 180 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the search process and its pool workers, like kill -9
-        proc.wait()
+    kill_search_midway(TINY_CLI, out, lambda o: len(db_rows(o)), env=ENV, cwd=REPO)  # after some evaluations
     before = db_rows(out)
     assert len(before) >= 6
 

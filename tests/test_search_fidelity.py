@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from factory.search.outputs import comparable_rows, front_rows, reached_rows
 from factory.search.problem import ArchitectureProblem
 from factory.search.run import build_algorithm, read_run, resume_search, start_search
 from factory.search.store import Store
+from search_kill import kill_search_midway
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -241,26 +241,8 @@ def test_a_killed_run_with_real_training_resumes_without_redoing_a_rung(tmp_path
     args = ["--layers", "3", "--d-model", "32", "--context", "64", "--families", "glu,short_conv", "--population", "4",
             "--generations", "3", "--tokens", "1024", "--seq-len", "32", "--batch-size", "8", "--rungs", "2",
             "--eta", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "factory", "search", *args, "--out", str(out)], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:  # after generation 0's rung-1 results, before the end (6 rows a generation)
-            n = 0
-            if (out / "search.db").exists():
-                try:
-                    n = len(rows_by_key(out))
-                except sqlite3.OperationalError:
-                    pass
-            if n >= 6:
-                break
-            assert proc.poll() is None, "the run finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("no rung result committed within 180 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # after generation 0's rung-1 results, before the end (6 rows a generation)
+    kill_search_midway(args, out, lambda o: len(rows_by_key(o)), env=ENV, cwd=REPO)
     before = rows_by_key(out)
     assert any(rung == 1 for _, rung in before) and len(before) < len(rows_by_key(reference_out))
     resume = subprocess.run([sys.executable, "-m", "factory", "search", "--resume", str(out), "--json"], env=ENV,

@@ -74,22 +74,30 @@ def cache_bytes(genome: Genome, context: int, dtype: str = "float32") -> int:
     return state_elements(genome, context) * DTYPE_BYTES[dtype]
 
 
-def flops_per_token(genome: Genome, context: int) -> Flops:
+def layer_flops(genome: Genome, context: int) -> list[Flops]:
+    """Per layer, per token: prefill FLOPs averaged over a `context`-token prompt, and one decode step's at
+    `context` (the embedding and logits are not a layer's: see `flops_per_token`)."""
     d = genome.d_model
-    head = 2.0 * d * genome.vocab_size
     source = genome.feature_source()
-    total = Flops(0.0, 0.0)
-    if genome.latents:
-        n = min(context, genome.latents)
-        total += LatentCrossAttention.flops(d, genome.layer_spec(0), context, genome.latents)
-        latent_stack = Flops(0.0, 0.0)
-        for i in range(1, genome.n_layers):
-            latent_stack += registry.flops(d, genome.layer_spec(i), n, reuse_features=source[i] is not None)
+    if not genome.latents:
+        return [registry.flops(d, genome.layer_spec(i), context, reuse_features=source[i] is not None)
+                for i in range(genome.n_layers)]
+    n = min(context, genome.latents)
+    out = [LatentCrossAttention.flops(d, genome.layer_spec(0), context, genome.latents)]
+    for i in range(1, genome.n_layers):
+        f = registry.flops(d, genome.layer_spec(i), n, reuse_features=source[i] is not None)
         # Prefill runs the stack once on n latents; decode recomputes it on all n latent positions per token.
-        total += Flops(latent_stack.prefill * n / context, latent_stack.prefill * n)
-        return total + Flops(head * n / context, head)
-    for i in range(genome.n_layers):
-        total += registry.flops(d, genome.layer_spec(i), context, reuse_features=source[i] is not None)
+        out.append(Flops(f.prefill * n / context, f.prefill * n))
+    return out
+
+
+def flops_per_token(genome: Genome, context: int) -> Flops:
+    head = 2.0 * genome.d_model * genome.vocab_size
+    total = Flops(0.0, 0.0)
+    for f in layer_flops(genome, context):
+        total += f
+    if genome.latents:  # the logits of the n latent positions
+        return total + Flops(head * min(context, genome.latents) / context, head)
     return total + Flops(head, head)
 
 

@@ -170,7 +170,7 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 def depthwise_conv_traffic(tokens: int, taps: int, channels: int) -> int:
     """Elements onnxruntime's CPU Conv writes for `causal_depthwise_conv`: it unrolls each channel's input into a
     [taps, tokens] matrix (im2col) before a GEMM, one channel at a time, so long filters cost far more than their
-    FLOPs (bench/bench_latency.py: prefill under-predicted by ~20% per 256-tap layer without this term)."""
+    FLOPs (bench/bench_latency.py compares prefill predictions with and without this term)."""
     return tokens * taps * channels
 
 

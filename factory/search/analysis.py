@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.genome.schema import Genome
 from factory.search.config import SearchConfig
-from factory.search.outputs import atomic_write, feasible_rows, front_rows, reached_rows
+from factory.search.outputs import atomic_write, feasible_rows, front_rows, reached_rows, rows_of_run
 from factory.search.store import Store
 
 MOTIF_LENGTHS = (2, 3)
@@ -100,7 +100,7 @@ def _enrichment(front: dict, everyone: dict) -> dict:
 
 
 def analyse(store: Store, config: SearchConfig) -> dict:
-    rows = store.evaluations(config.rung_hashes())
+    rows = rows_of_run(store, config)
     ok = feasible_rows(reached_rows(rows))  # each genome once (at the highest rung it reached)
     front = front_rows(rows, list(config.objectives))
     last = store.last_generation()

@@ -25,7 +25,7 @@ from factory.genome.schema import Genome
 from factory.search.config import SearchConfig
 from factory.search.executors import make_executor
 from factory.search.objectives import EvalRecord, ObjectiveContext, get_objective, stage_path
-from factory.search.outputs import atomic_write, clean, front_rows
+from factory.search.outputs import atomic_write, clean, front_rows, rows_of_run
 from factory.search.plots import quality_axis
 from factory.search.progress import Progress
 from factory.search.run import DirLock, read_run
@@ -125,7 +125,7 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
         raise FactoryError(f"finalize retrains models, but this run has no trained quality objective "
                            f"(objectives: {', '.join(config.objectives)})")
     with DirLock(out), Store(out / "search.db") as store:
-        front = front_rows(store.evaluations(config.rung_hashes()), list(config.objectives))
+        front = front_rows(rows_of_run(store, config), list(config.objectives))
         if not front:
             raise FactoryError(f"{out}: no feasible evaluation yet, nothing to finalize")
         front = sorted(front, key=lambda r: (r["objectives"][q_name], r["hash"]))[:top_k]

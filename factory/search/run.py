@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from factory.errors import FactoryError
-from factory.fidelity import promote
+from factory.fidelity import promote, promoted_count
 from factory.genome.schema import Genome
 from factory.search.algorithm import NSGA2, Candidate, Member, hv_bounds, hypervolume, member_violation
 from factory.search.config import RUN_FORMAT, SearchConfig
@@ -102,10 +102,10 @@ def prepare_new_dir(out: Path) -> None:
 
 
 def ladder_sizes(n: int, eta: int, rungs: int) -> list[int]:
-    """How many of n offspring train at each rung when every promotion keeps the best n // eta (at least one)."""
+    """How many of n offspring train at each rung when no result fails (`factory.fidelity.promoted_count`)."""
     sizes = [n]
     for _ in range(rungs - 1):
-        sizes.append(max(1, sizes[-1] // eta))
+        sizes.append(promoted_count(sizes[-1], eta))
     return sizes
 
 
@@ -171,22 +171,23 @@ class SearchRun:
         self.references = adapted_references(self.problem.space)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
-    def _counts(self) -> dict:
-        rows = self.store.evaluations(self.tchs)
+    def _counts(self, rows: list[dict]) -> dict:
         return {
             "done": sum(1 for r in rows if r["status"] != "rejected"),
             "failed": sum(1 for r in rows if r["status"] in FAILED_STATUSES),
             "rejected": sum(1 for r in rows if r["status"] == "rejected"),
         }
 
-    def _best(self) -> dict:
-        rows = comparable_rows(self.store.evaluations(self.tchs))
-        return {o: min((r["objectives"][o] for r in rows), default=math.nan) for o in self.config.objectives}
+    def _best(self, rows: list[dict]) -> dict:
+        ok = comparable_rows(rows)
+        return {o: min((r["objectives"][o] for r in ok), default=math.nan) for o in self.config.objectives}
 
     def _report(self, generation: int, note: str = "") -> None:
         gens = self.store.generations()
         hv = gens[-1]["hypervolume"] if gens else math.nan
-        self.progress.update(generation=generation, best=self._best(), hypervolume=hv, note=note, **self._counts())
+        rows = self.store.evaluations(self.tchs)
+        self.progress.update(generation=generation, best=self._best(rows), hypervolume=hv, note=note,
+                             **self._counts(rows))
 
     def _settings(self, rung: int = 0) -> dict:
         c = self.config
@@ -305,7 +306,7 @@ class SearchRun:
             "failed": sum(1 for r in this_gen if r["status"] in FAILED_STATUSES),
             "rejected": sum(1 for r in this_gen if r["status"] == "rejected"),
         }
-        self.store.save_generation(generation, survivors, hv, counters, self._best())
+        self.store.save_generation(generation, survivors, hv, counters, self._best(rows))
         self.write_outputs(final=False)
 
     def write_outputs(self, final: bool = True) -> dict:
