@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from measure_passes import export_all, measure_in_passes  # bench/measure_passes.py: the measuring protocol of the benchmarks
+
 
 FEATURE_SETS = {
     # one price per family and quantity (factory.features, view "per_family")
@@ -74,7 +76,6 @@ def main() -> int:
 
     from dataclasses import replace
 
-    from factory.errors import FactoryError
     from factory.features import VIEWS, latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
@@ -101,13 +102,11 @@ def main() -> int:
             seen.add(g.hash())
             genomes.append(g)
 
-    # Every genome is exported once (kept under --out/exports), all before the first measurement (an export is
-    # heavy multi-threaded work that must not share the machine with a measurement), and profiled in --passes passes, each
-    # after all of the previous one, so minutes apart. On a shared machine the speed drifts for minutes and drops
-    # in bursts of seconds; the lowest value over passes spread in time (interference only ever adds time) is what
-    # the model is fitted on and judged against, and how far that lowest value moves (odd passes against even
-    # ones) is the noise ceiling of any model. Measurements are cached per genome and protocol settings: a rerun
-    # with more --genomes or --passes only measures what is new.
+    # Every genome is exported once (kept under --out/exports), all before the first measurement, then measured
+    # in --passes round-robin passes (bench/measure_passes.py says why). The lowest value over the passes is what
+    # the model is fitted on and judged against, and how far that lowest value moves (odd passes against even ones)
+    # is the noise ceiling of any model. Measurements are cached per genome and protocol settings: a rerun with
+    # more --genomes or --passes only measures what is new.
     cache_path = args.out / "samples.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}:protocol={PROTOCOL_VERSION}"
@@ -131,32 +130,12 @@ def main() -> int:
     if args.passes < 1:
         raise SystemExit("--passes must be a positive integer")
     passes = range(1, args.passes + 1)
-    exports: dict[str, Path] = {}
-    for i, g in enumerate(genomes):
-        entry = cache.setdefault(f"{g.hash()}:{setting}", {"hash": g.hash()})
-        if "failed" in entry:
-            continue
-        try:
-            exports[g.hash()] = exported(g)
-        except FactoryError as e:  # one genome that cannot be exported must not stop the benchmark
-            entry["failed"] = str(e).splitlines()[0]
-            save_cache()
-        print(f"[export {i + 1}/{len(genomes)}] {g.hash()[:10]} " + entry.get("failed", "ok"), flush=True)
-    for pass_ in passes:
-        for i, g in enumerate(genomes):
-            key = f"{g.hash()}:{setting}"
-            entry = cache[key]
-            if "failed" in entry or f"pass{pass_}" in entry:
-                continue
-            try:
-                entry[f"pass{pass_}"] = profile(exports[g.hash()])
-            except FactoryError as e:  # one genome that cannot be measured must not stop the benchmark
-                entry["failed"] = str(e).splitlines()[0]
-            save_cache()
-            shown = entry.get(f"pass{pass_}")
-            print(f"[pass {pass_} {i + 1}/{len(genomes)}] {g.hash()[:10]} " + (
-                f"decode p50/p95 {shown['decode_p50']:.3f}/{shown['decode_p95']:.3f} ms, prefill p50 "
-                f"{shown['prefill_p50']:.2f} ms" if shown else f"FAILED: {entry['failed']}"), flush=True)
+    by_hash = {g.hash(): g for g in genomes}
+    entries = {h: cache.setdefault(f"{h}:{setting}", {"hash": h}) for h in by_hash}
+    exports = export_all(entries, lambda h: exported(by_hash[h]), save_cache)
+    measure_in_passes(exports, entries, args.passes, profile, save_cache,
+                      lambda m: f"decode p50/p95 {m['decode_p50']:.3f}/{m['decode_p95']:.3f} ms, "
+                                f"prefill p50 {m['prefill_p50']:.2f} ms")
 
     samples, failed = [], []
     for g in genomes:

@@ -1,11 +1,12 @@
 """Is a genome's latency the sum of its layers' (nn-Meter's kernel-level assumption)? A check on this machine.
 
 For the first N genomes measured by bench_latency.py (its --out folder), every layer is exported alone (a
-one-layer genome with the same width, vocabulary and context) and profiled 3 times (the lowest p50 kept, as in
-bench_latency.py); the genome's measured latency is then compared with the sum of its layers' (each including
+one-layer genome with the same width, vocabulary and context), all layers before the first measurement, then
+profiled in --passes round-robin passes with the lowest p50 kept (bench/measure_passes.py, as bench_latency.py
+measures the genomes themselves); the genome's measured latency is then compared with the sum of its layers' (each including
 the embedding and head, so a fitted a * sum + b, cross-validated, is reported beside the raw ratio).
 
-    .venv/bin/python bench/latency_layer_sum.py --samples bench/out/latency-v2 --genomes 16 --threads 1
+    .venv/bin/python bench/latency_layer_sum.py --samples bench/out/latency --genomes 16 --threads 1 [--passes 10]
 
 Writes <out>/layer_sum.json (default bench/out/latency-layer-sum/).
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from measure_passes import export_all, lowest, measure_in_passes
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,8 +30,12 @@ def main() -> int:
     ap.add_argument("--target", default="laptop-cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--genomes", type=int, default=16)
+    ap.add_argument("--passes", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("bench/out/latency-layer-sum"))
     args = ap.parse_args()
+    if args.passes < 1:
+        raise SystemExit("--passes must be a positive integer")
     results_file = args.samples / "latency.json"
     if not results_file.is_file():
         raise SystemExit(f"{results_file} not found: run bench/bench_latency.py --out {args.samples} first")
@@ -53,24 +60,42 @@ def main() -> int:
 
     cache_path = args.out / "layers.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}"
 
-    def layer_ms(genome: Genome) -> dict:
-        if genome.hash() not in cache:
-            export = args.out / "exports" / genome.hash()
-            if not (export / "manifest.json").is_file():
-                export_for_target(LIVModel(genome).eval(), target, export)
-            runs = [profile_artifact(export, target, repeats=10, record=False, memory=False) for _ in range(3)]
-            cache[genome.hash()] = {"prefill": min(r["prefill_ms"]["p50"] for r in runs),
-                                    "decode": min(r["decode_ms"]["p50"] for r in runs)}
-            cache_path.write_text(json.dumps(cache, indent=1))
-        return cache[genome.hash()]
+    def save_cache():
+        tmp = cache_path.with_name(".layers.json.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_path)
+
+    def alone(g: Genome, i: int) -> Genome:  # layer i of g as a one-layer genome
+        return replace(g, classes=(g.layer_spec(i),), layers=(LayerGene(op_class=0),)).validate()
+
+    layers = {alone(g, i).hash(): alone(g, i) for g in genomes for i in range(g.n_layers)}
+    entries = {h: cache.setdefault(f"{h}:{setting}", {"hash": h}) for h in layers}
+
+    def exported(h: str) -> Path:
+        export = args.out / "exports" / h
+        if not (export / "manifest.json").is_file():
+            export_for_target(LIVModel(layers[h]).eval(), target, export)
+        return export
+
+    def measure(export: Path) -> dict:
+        m = profile_artifact(export, target, repeats=args.repeats, record=False, memory=False)
+        return {"prefill": m["prefill_ms"]["p50"], "decode": m["decode_ms"]["p50"]}
+
+    exports = export_all(entries, exported, save_cache)
+    measure_in_passes(exports, entries, args.passes, measure, save_cache,
+                      lambda m: f"prefill p50 {m['prefill']:.2f} ms, decode p50 {m['decode']:.3f} ms")
+    failed = [h for h, e in entries.items() if "failed" in e]
+    if failed:
+        raise SystemExit(f"{len(failed)} layer(s) could not be exported or measured, e.g. {entries[failed[0]]['failed']}")
 
     rows = []
     for g, s in zip(genomes, measured):
-        alone = [layer_ms(replace(g, classes=(g.layer_spec(i),), layers=(LayerGene(op_class=0),)).validate())
-                 for i in range(g.n_layers)]
+        parts = [entries[alone(g, i).hash()] for i in range(g.n_layers)]
         rows.append({"hash": g.hash(), "prefill": s["prefill_p50"], "decode": s["decode_p50"],
-                     "sum_prefill": sum(a["prefill"] for a in alone), "sum_decode": sum(a["decode"] for a in alone)})
+                     "sum_prefill": sum(lowest(e, args.passes, "prefill") for e in parts),
+                     "sum_decode": sum(lowest(e, args.passes, "decode") for e in parts)})
         print(f"{g.hash()[:10]} prefill {rows[-1]['prefill']:.2f} ms, sum of layers {rows[-1]['sum_prefill']:.2f}; "
               f"decode {rows[-1]['decode']:.3f}, sum {rows[-1]['sum_decode']:.3f}", flush=True)
     summary = {}
