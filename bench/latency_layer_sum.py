@@ -36,6 +36,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.passes < 1:
         raise SystemExit("--passes must be a positive integer")
+    if args.genomes < 3:
+        raise SystemExit("--genomes must be at least 3 (the fitted a * sum + b is cross-validated)")
     results_file = args.samples / "latency.json"
     if not results_file.is_file():
         raise SystemExit(f"{results_file} not found: run bench/bench_latency.py --out {args.samples} first")
