@@ -80,6 +80,7 @@ def main() -> int:
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
     from factory.search.latency import export_for_target, representative_here
+    from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
     from profiles.latency_model import cross_validate, fit_best_view
     from profiles.runner import PROTOCOL_VERSION
@@ -112,9 +113,7 @@ def main() -> int:
     setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}:protocol={PROTOCOL_VERSION}"
 
     def save_cache():
-        tmp = cache_path.with_name(".samples.json.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, json.dumps(cache, indent=1))
 
     def profile(export_dir: Path) -> dict:  # timing only: peak memory is not what this benchmark models
         m = profile_artifact(export_dir, target, repeats=args.repeats, memory=False, record=True)
@@ -188,9 +187,8 @@ def main() -> int:
 
     # Repeatability: the first two genomes, each profiled three more times.
     repeated, spread = {}, {}
-    by_hash = {g.hash(): g for g in genomes}
     for s in samples[:2]:
-        repeat = [profile(exported(by_hash[s["hash"]])) for _ in range(3)]
+        repeat = [profile(exports[s["hash"]]) for _ in range(3)]
         for q in QUANTITIES:
             values = [r[q] for r in repeat]
             repeated[f"{s['hash'][:10]} {q}"] = values

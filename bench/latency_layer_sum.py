@@ -47,6 +47,7 @@ def main() -> int:
     from factory.genome.schema import Genome, LayerGene
     from factory.model import LIVModel
     from factory.search.latency import export_for_target
+    from factory.search.outputs import atomic_write
     from profiles.latency_model import cross_validate
     from profiles.profiler import profile_artifact
     from profiles.store import load_archived_genome
@@ -65,9 +66,7 @@ def main() -> int:
     setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}"
 
     def save_cache():
-        tmp = cache_path.with_name(".layers.json.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, json.dumps(cache, indent=1))
 
     def alone(g: Genome, i: int) -> Genome:  # layer i of g as a one-layer genome
         return replace(g, classes=(g.layer_spec(i),), layers=(LayerGene(op_class=0),)).validate()
