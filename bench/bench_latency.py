@@ -41,7 +41,7 @@ FEATURE_SETS = {
 def live_intermediates_only(genome, prefill_features: dict, prompt_length: int) -> dict:
     """The prefill features with act_mb counting each operator's live intermediates (the peak-memory formula,
     registry.activation_elements) instead of its traffic (registry.traffic_elements): the ablation of the
-    convolutions' unrolled inputs."""
+    convolutions' unrolled inputs and the grouped projections' copies."""
     from factory.features import layer_family
     from factory.ops import registry
 

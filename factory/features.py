@@ -10,8 +10,10 @@ per family, and the linear model learns one price per family and quantity:
                 onnxruntime's time is mostly per-node overhead, and the exported graph has about one node per
                 operation
     flops_<f>   their arithmetic: GFLOP of the prefill, MFLOP of one decode step at `decode_context`
-    act_mb_<f>  prefill only: what their intermediates for the prompt write (registry.traffic_elements: chunked
-                scans, score matrices and convolutions' unrolled inputs are bound by moving these, not by FLOPs)
+    act_mb_<f>  prefill: what their intermediates for the prompt write (registry.traffic_elements: chunked
+                scans, score matrices, convolutions' unrolled inputs and grouped projections' copies are bound by
+                moving these, not by FLOPs)
+    act_kb_<f>  decode: the same formula at one token, in KB (a long convolution's step reads its whole window)
     kops_head   operations of the embedding, final norm and logits
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
@@ -108,7 +110,7 @@ def layer_counts(genome: Genome) -> dict[str, float]:
     return counts
 
 
-PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb")
+PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb", "act_kb")
 _GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for family in FAMILIES}
 
 
@@ -132,19 +134,19 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     if view not in VIEWS:
         raise ValueError(f"unknown feature view {view!r} ({' | '.join(VIEWS)})")
     ops = dispatched_ops(genome, prompt_length)[metric]
-    groups = ("kops", "flops", "act_mb") if metric == "prefill" else ("kops", "flops")
-    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in groups for f in FAMILIES}}
-    if metric == "prefill":  # GFLOP of each layer over the prompt
+    if metric == "prefill":  # GFLOP of each layer over the prompt; MB its intermediates write
         flops = [f.prefill * prompt_length / 1e9 for f in layer_flops(genome, prompt_length)]
-    else:  # MFLOP of each layer's decode step
+        act, tokens, act_unit = "act_mb", int(prompt_length), 1e6
+    else:  # MFLOP of each layer's decode step; KB its intermediates write
         flops = [f.decode / 1e6 for f in layer_flops(genome, decode_context)]
+        act, tokens, act_unit = "act_kb", 1, 1e3
+    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act) for f in FAMILIES}}
     for i in range(genome.n_layers):
         family = layer_family(genome, i)
         features[f"kops_{family}"] += ops["layers"][i] / 1000.0
         features[f"flops_{family}"] += flops[i]
-        if metric == "prefill":
-            elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), int(prompt_length))
-            features[f"act_mb_{family}"] += elements * bytes_per_weight / 1e6
+        elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), tokens)
+        features[f"{act}_{family}"] += elements * bytes_per_weight / act_unit
     context = prompt_length if metric == "prefill" else decode_context
     features.update({"kops_head": ops["head"] / 1000.0,
                      "weights_mb": param_count(genome) * bytes_per_weight / 1e6,

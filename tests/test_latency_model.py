@@ -92,10 +92,24 @@ def test_features_reflect_architecture(metric):
     assert tpp["flops_attention"] > 0 and tpp["flops_glu"] > 0 and tpp["flops_mamba"] == 0
     if metric == "prefill":  # four layers of 512 x 512 attention scores move more than the conv layers' inputs
         assert tpp["act_mb_attention"] > lfm["act_mb_short_conv"] > 0
-    else:
+    else:  # one token's intermediates, in KB
         assert not any(k.startswith("act_mb") for k in tpp)
+        assert tpp["act_kb_attention"] > 0 and lfm["act_kb_short_conv"] > 0 and tpp["act_kb_short_conv"] == 0
     with pytest.raises(ValueError):
         latency_features(refs["rwkv"], "train", 1, 1)
+
+
+def test_grouped_projection_moves_more_than_dense():
+    """A grouped output projection exports as a batched MatMul between two Transposes: fewer FLOPs than dense,
+    but its input and output are copied once more, which the traffic features count."""
+    from dataclasses import replace
+
+    genome = reference_genomes()["transformer++"]
+    grouped = replace(genome, classes=tuple(c.with_(channel_mixing="grouped") for c in genome.classes))
+    for metric, act in (("prefill", "act_mb_attention"), ("decode", "act_kb_attention")):
+        dense_f, grouped_f = (latency_features(g, metric, 128, 128) for g in (genome, grouped))
+        assert grouped_f["flops_attention"] < dense_f["flops_attention"]
+        assert grouped_f[act] > dense_f[act]
 
 
 def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch, capsys):

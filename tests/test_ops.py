@@ -88,3 +88,15 @@ def test_flops_positive_and_gradients_flow(spec):
 def test_every_required_family_is_registered():
     required = {"attention", "linear_attention", "rwkv", "mamba", "short_conv", "long_conv", "glu"}
     assert required <= set(registry.families())
+
+
+@pytest.mark.parametrize("spec", VARIANTS)
+def test_mix_width_is_the_output_projections_input(spec):
+    """The channel-mixing traffic term (registry.traffic_elements) is counted on `mix_width`: it must be the width
+    the operator's output projection actually takes."""
+    op = registry.build_operator(D_MODEL, spec)
+    width = registry.family(spec.family).mix_width(D_MODEL, spec)
+    out = next(m for name, m in op.named_modules() if name.split(".")[-1] == "out")  # inside any wrapper
+    shape = {"Linear": lambda m: m.in_features, "GroupedLinear": lambda m: m.weight.shape[0] * m.weight.shape[1],
+             "DiagonalLinear": lambda m: m.weight.shape[0]}[type(out).__name__](out)
+    assert shape == width

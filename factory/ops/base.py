@@ -159,6 +159,11 @@ class LIVOperator(nn.Module):
         return 4 * tokens * d_model
 
     @classmethod
+    def mix_width(cls, d_model: int, spec: OpSpec) -> int:
+        """Input width of the output projection (`channel_mix`): what its traffic is counted on."""
+        return d_model
+
+    @classmethod
     def traffic_elements(cls, d_model: int, spec: OpSpec, tokens: int) -> int:
         """Elements the parallel form writes into intermediates while processing `tokens` positions, including
         buffers an onnxruntime kernel makes for itself that are never live together (a latency feature, not a

@@ -83,6 +83,13 @@ def channel_mix_flops(kind: str, d_in: int, d_out: int) -> float:
     return 2.0 * channel_mix_params(kind, d_in, d_out) if kind != "diagonal" or d_in != d_out else 0.0
 
 
+def channel_mix_traffic(kind: str, d_in: int, d_out: int, tokens: int) -> int:
+    """Elements the projection moves beyond its output: the grouped einsum exports as a batched MatMul between two
+    Transposes (groups first, then back), so its input and output are each copied once more. Dense and diagonal
+    run in place of a single MatMul or Mul."""
+    return tokens * (d_in + d_out) if kind == "grouped" else 0
+
+
 # -- activations -------------------------------------------------------------------------------------------------
 class SeriesActivation(nn.Module):
     """PanGu-pi's series-informed activation: sum_i a_i * relu(x + b_i), learnable per channel (n terms)."""

@@ -31,6 +31,10 @@ class GLU(LIVOperator):
     def hidden(d_model: int, spec: OpSpec) -> int:
         return spec.expansion * d_model
 
+    @classmethod
+    def mix_width(cls, d_model: int, spec: OpSpec) -> int:
+        return cls.hidden(d_model, spec)
+
     def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
         super().__init__(d_model, spec, reuse_features)
         h = self.hidden(d_model, spec)

@@ -66,6 +66,10 @@ class Mamba(LIVOperator):
         return spec.expansion * d_model
 
     @classmethod
+    def mix_width(cls, d_model: int, spec: OpSpec) -> int:
+        return cls.inner(d_model, spec)
+
+    @classmethod
     def conv_channels(cls, d_model: int, spec: OpSpec) -> int:
         return cls.inner(d_model, spec) + 2 * spec.state_size
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.ops.base import Flops, LIVOperator, OpSpec, State
-from factory.ops.common import GROUPS
+from factory.ops.common import GROUPS, channel_mix_traffic
 
 FAMILIES: dict[str, type[LIVOperator]] = {}
 
@@ -182,7 +182,9 @@ def activation_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
 
 
 def traffic_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
-    n = family(spec.family).traffic_elements(d_model, _base(spec), tokens)
+    cls, base = family(spec.family), _base(spec)
+    n = cls.traffic_elements(d_model, base, tokens) + channel_mix_traffic(
+        base.channel_mixing, cls.mix_width(d_model, base), d_model, tokens)
     return 2 * n if spec.differential else n
 
 
