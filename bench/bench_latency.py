@@ -7,9 +7,12 @@
 2. repeatability: two exports profiled 3 times each; spread of decode p50/p95 and prefill p50 (max/min - 1).
 3. constraint satisfaction: with --run DIR (a `factory run` folder), the share of its re-measured models that meet
    the target's budgets.
+4. with --holdout-last K, the model fitted on all but the last K genomes sampled predicts those K (genomes added
+   after the features were chosen); with --compare SAMPLES_JSON, how much faster or slower the same exports
+   measure in this session than in another (the machine's drift).
 
     .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 10]
-        [--passes 10] [--run runs/demo]
+        [--passes 10] [--run runs/demo] [--holdout-last 8] [--compare bench/out/other/samples.json]
 
 Measurements go to a private store under --out (not the user's), results to --out/latency.json and latency.md.
 """
@@ -69,6 +72,11 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=10,
                     help="profile every export this many times, each pass after all of the previous one")
     ap.add_argument("--run", type=Path, default=None)
+    ap.add_argument("--holdout-last", type=int, default=0, metavar="K",
+                    help="also fit on all but the last K genomes sampled and predict those K (genomes never seen "
+                         "while the features were chosen, when K covers the ones added since)")
+    ap.add_argument("--compare", type=Path, default=None, metavar="SAMPLES_JSON",
+                    help="another session's samples.json: how much faster or slower the same exports measure now")
     ap.add_argument("--out", type=Path, default=Path("bench/out/latency"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +90,7 @@ def main() -> int:
     from factory.search.latency import export_for_target, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
-    from profiles.latency_model import cross_validate, fit_best_view
+    from profiles.latency_model import accuracy_summary, cross_validate, fit_best_view, relative_errors
     from profiles.runner import PROTOCOL_VERSION
     from targets import load_target
 
@@ -185,6 +193,33 @@ def main() -> int:
         accuracy[f"{quantity} (factory, one pass)"] = {
             k: v for k, v in fit_best_view(metric, rows_by_view, single).accuracy.items() if k != "views"}
 
+    if args.holdout_last:
+        if not 0 < args.holdout_last < len(samples) - 2:
+            raise SystemExit(f"--holdout-last must leave at least 3 of the {len(samples)} genomes to fit on")
+        fit, fresh = samples[: -args.holdout_last], samples[-args.holdout_last :]
+        for quantity, metric in QUANTITIES.items():
+            model = fit_best_view(metric, {v: [view(s["features"][metric]) for s in fit] for v, view in VIEWS.items()},
+                                  [s[quantity] for s in fit])
+            predicted = model.predict([VIEWS[model.view](s["features"][metric]) for s in fresh])
+            measured = np.array([s[quantity] for s in fresh])
+            accuracy[f"{quantity} (factory, fitted on the first {len(fit)}, predicting the last {len(fresh)})"] = {
+                **accuracy_summary(relative_errors(predicted, measured)),
+                "median_signed_error": float(np.median(predicted / measured - 1.0))}
+
+    drift = None
+    if args.compare:  # the same exports measured in another session: the machine's drift between the two
+        other = json.loads(args.compare.read_text())
+        ratios = {q: [] for q in QUANTITIES}
+        for s in samples:
+            entry = other.get(f"{s['hash']}:{setting}", {})
+            then = [v for k, v in entry.items() if k.startswith("pass")]
+            if then:
+                for q in QUANTITIES:
+                    ratios[q].append(s[q] / min(p[q] for p in then))
+        drift = {q: {"genomes": len(r), "median_now_over_then": float(np.median(r)) if r else None,
+                     "min": float(min(r)) if r else None, "max": float(max(r)) if r else None}
+                 for q, r in ratios.items()}
+
     # Repeatability: the first two genomes, each profiled three more times.
     repeated, spread = {}, {}
     for s in samples[:2]:
@@ -206,7 +241,7 @@ def main() -> int:
     result = {"target": target.name, "threads": target.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
               "genomes": len(samples), "failed": failed, "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
-              "measurement_noise": noise, "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
+              "measurement_noise": noise, "drift": drift, "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",
@@ -215,8 +250,9 @@ def main() -> int:
              f"{len(samples)} genomes measured, {len(failed)} failed to export or measure.", "",
              "| measure | value |", "|---|---|"]
     for k, a in accuracy.items():
+        signed = f" / {a['median_signed_error']:+.1%} median signed error" if "median_signed_error" in a else ""
         lines.append(f"| {k}: held-out within +-10% / mean rel. error (n={a['n']}) | "
-                     f"{a['within_10pct']:.0%} / {a['mean_relative_error']:.1%} |")
+                     f"{a['within_10pct']:.0%} / {a['mean_relative_error']:.1%}{signed} |")
     for q, n in noise.items():
         lines.append(f"| {q}: genomes whose {args.passes} passes agree within 10% / median spread | "
                      f"{n['passes_within_10pct']:.0%} / {n['median_gap']:.1%} |")
@@ -224,6 +260,10 @@ def main() -> int:
             lines.append(f"| {q}: lowest of odd passes vs lowest of even passes within 10% / within 5% / median gap "
                          f"(noise ceiling) | {n['lowest_halves_within_10pct']:.0%} / "
                          f"{n['lowest_halves_within_5pct']:.0%} / {n['lowest_halves_median_gap']:.1%} |")
+    for q, d in (drift or {}).items():
+        if d["genomes"]:
+            lines.append(f"| {q}: this session over {args.compare} for the same {d['genomes']} exports, lowest "
+                         f"values (median, range) | {d['median_now_over_then']:.3f}x ({d['min']:.2f}-{d['max']:.2f}) |")
     for k, s in spread.items():
         lines.append(f"| repeatability of {k} over 3 profiles (max/min - 1) | {s:.1%} |")
     if satisfaction:

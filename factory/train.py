@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from factory import measure_gate
 from factory.data.corpus import Corpus
 from factory.data.mad import IGNORE, TASKS
 from factory.data.tokenizer import ByteTokenizer
@@ -138,14 +139,15 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 x, y = corpus.batch("train", cfg.batch_size, cfg.seq_len, gen)
-                loss = lm_loss(model, x, y)
-                if not torch.isfinite(loss):
-                    status, reason = "diverged", f"non-finite loss at step {step}"
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                with measure_gate.working():  # waits while a latency measurement runs on this machine
+                    loss = lm_loss(model, x, y)
+                    if not torch.isfinite(loss):
+                        status, reason = "diverged", f"non-finite loss at step {step}"
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
                 done = step + 1
                 if step % log_every == 0 or step == steps - 1:
                     curve.append(round(loss.item(), 5))
@@ -158,7 +160,8 @@ def train(
         wall = time.perf_counter() - t0
         tokens = done * cfg.batch_size * cfg.seq_len
         if status == "ok":
-            val = evaluate(model, corpus, cfg.seq_len, cfg.eval_windows)
+            with measure_gate.working():
+                val = evaluate(model, corpus, cfg.seq_len, cfg.eval_windows)
             if not math.isfinite(val):
                 status, reason = "diverged", "non-finite validation loss"
         else:
@@ -197,13 +200,14 @@ def mad_score(genome: Genome, tasks=None, steps: int = 200, n_train: int = 512, 
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 idx = torch.randint(0, len(x), (32,), generator=gen)
-                loss = lm_loss(model, x[idx], y[idx])
-                if not torch.isfinite(loss):
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                with measure_gate.working():
+                    loss = lm_loss(model, x[idx], y[idx])
+                    if not torch.isfinite(loss):
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
             with torch.no_grad():
                 model.eval()
                 logits = model(xv)

@@ -2,7 +2,9 @@
 
 For each candidate that survives the static checks and trains, the `profile` stage exports it (ONNX, the target's
 quantization), checks parity, and measures it with onnxruntime under the target's protocol on this machine; the
-measurement is appended to the target's store. When this machine cannot stand in for the target (its provider
+measurement is appended to the target's store. It measures inside `factory.measure_gate.measuring()`: training
+steps and exports of the other workers on this machine wait meanwhile (bench/bench_gate.py shows what measuring
+beside them does to the numbers). When this machine cannot stand in for the target (its provider
 is missing here, or its instruction set differs, e.g. an arm64 board seen from an x86 host), the stage instead
 predicts from a latency model fitted on the measurements imported from the board (`factory profiles import`), and
 says so in the result. With neither, the stage fails with the way out in its reason.
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from factory import measure_gate
 from factory.errors import FactoryError
 
 PROFILE_REPEATS = 10  # prefill repetitions per candidate in the search (winners get the full protocol)
@@ -152,7 +155,8 @@ def export_for_target(model, target, out: Path, corpus: str | None = None) -> Pa
         stub = TrainResult(status="ok", val_loss=float("nan"), val_bpb=float("nan"), tokens=0, steps=0, wall_s=0.0,
                            tokens_per_s=0.0)
         save_checkpoint(scratch, model, stub, TrainConfig(tokens=1), load_corpus(corpus))
-        export_checkpoint(ExportRequest(checkpoint=scratch, out=out, target=target, corpus=corpus))
+        with measure_gate.working():  # heavy, multi-threaded: never beside a measurement
+            export_checkpoint(ExportRequest(checkpoint=scratch, out=out, target=target, corpus=corpus))
         return out
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -166,7 +170,8 @@ def measure_model(model, target, workdir: Path, repeats: int = PROFILE_REPEATS, 
     scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="profile-"))
     try:
         export_for_target(model, target, scratch / "export", corpus)
-        return profile_artifact(scratch / "export", target, repeats=repeats, record=True)
+        with measure_gate.measuring():  # training and exports on this machine pause meanwhile
+            return profile_artifact(scratch / "export", target, repeats=repeats, record=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
