@@ -176,6 +176,7 @@ def stage_export(job: JobConfig, out: Path, final: dict, say) -> dict[str, Path]
 
 def stage_profile(job: JobConfig, out: Path, exports: dict[str, Path], say) -> dict[str, dict]:
     """Measure each export on this machine under the target's protocol (float32 and the deployed variant)."""
+    from factory import measure_gate
     from factory.search.latency import representative_here
     from profiles.profiler import profile_artifact
     from targets import load_target
@@ -195,7 +196,9 @@ def stage_profile(job: JobConfig, out: Path, exports: dict[str, Path], say) -> d
             path = out / "profiles" / f"{export_dir.name}.{variant}.json"
             if not path.is_file():
                 say(f"profile {export_dir.name} ({variant})")
-                _atomic_json(path, profile_artifact(export_dir, target, variant=variant, repeats=repeats, record=True))
+                with measure_gate.measuring():  # another run's training on this machine pauses meanwhile
+                    measured = profile_artifact(export_dir, target, variant=variant, repeats=repeats, record=True)
+                _atomic_json(path, measured)
             per_variant[variant] = json.loads(path.read_text())
         results[h] = per_variant
     return results

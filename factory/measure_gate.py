@@ -2,8 +2,9 @@
 
 A search trains and exports candidates in several worker processes while others measure exported candidates with
 onnxruntime. Measured beside that work, latency comes out slower by a random amount (`bench/bench_gate.py`
-measures how much), and the search would rank candidates by noise. So a measurement runs inside `measuring()`,
-and heavy work (each training step, each export) inside `working()`: while a measurement holds the gate, new work
+measures how much), and the search would rank candidates by noise. So a measurement runs inside `measuring()`
+(the search's profile stage, `factory profile`, a run's re-measurement of its winners), and heavy work (each
+training step, each export of the search) inside `working()`: while a measurement holds the gate, new work
 waits; the measurement waits only for the work already running. Measurements also exclude each other.
 
 Two lock files in the temp folder, taken with flock: a turnstile, which a measurement holds exclusively from

@@ -59,9 +59,12 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"profiling {export_dir} ({chosen}) for {resolved.name}: {resolved.provider}, {resolved.threads} threads"
         )
-        result = profile_artifact(
-            export_dir, resolved, variant=variant, repeats=repeats, top_ops=top_ops, memory=memory, record=record
-        )
+        from factory import measure_gate
+
+        with measure_gate.measuring():  # a search training on this machine pauses meanwhile
+            result = profile_artifact(
+                export_dir, resolved, variant=variant, repeats=repeats, top_ops=top_ops, memory=memory, record=record
+            )
         if as_json:
             emit_json(result)
             return
