@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from measure_passes import export_all, lowest, measure_in_passes
+from measure_passes import distinct_samples, export_all, lowest, measure_in_passes
 
 QUANTITIES = ("decode_p50", "decode_p95", "prefill_p50")
 
@@ -81,13 +81,7 @@ def main() -> int:
     if not ok:
         raise SystemExit(f"{target.name} is not measurable on this machine: {why}")
     space = SearchSpace.create(n_layers=6, d_model=64, context=256)  # bench_latency.py's space and seeds
-    genomes, seen, seed = [], set(), 0
-    while len(genomes) < args.genomes:
-        g = space.sample(seed)
-        seed += 1
-        if g.hash() not in seen:
-            seen.add(g.hash())
-            genomes.append(g)
+    genomes = distinct_samples(space, args.genomes)
     by_hash = {g.hash(): g for g in genomes}
 
     def exported(h: str) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from measure_passes import export_all, measure_in_passes  # bench/measure_passes.py: the measuring protocol of the benchmarks
+from measure_passes import distinct_samples, export_all, measure_in_passes  # bench/measure_passes.py: the measuring protocol of the benchmarks
 
 
 FEATURE_SETS = {
@@ -103,13 +103,7 @@ def main() -> int:
     if not ok:
         raise SystemExit(f"{target.name} is not measurable on this machine: {why}")
     space = SearchSpace.create(n_layers=args.layers, d_model=args.d_model, context=args.context)
-    genomes, seen, seed = [], set(), 0
-    while len(genomes) < args.genomes:
-        g = space.sample(seed)
-        seed += 1
-        if g.hash() not in seen:
-            seen.add(g.hash())
-            genomes.append(g)
+    genomes = distinct_samples(space, args.genomes)
 
     # Every genome is exported once (kept under --out/exports), all before the first measurement, then measured
     # in --passes round-robin passes (bench/measure_passes.py says why). The lowest value over the passes is what

@@ -13,6 +13,19 @@ from pathlib import Path
 from typing import Callable
 
 
+def distinct_samples(space, n: int) -> list:
+    """The first n distinct genomes of space.sample(0), space.sample(1), ... (the benchmarks share these seeds, so
+    their exports can be reused across them)."""
+    genomes, seen, seed = [], set(), 0
+    while len(genomes) < n:
+        g = space.sample(seed)
+        seed += 1
+        if g.hash() not in seen:
+            seen.add(g.hash())
+            genomes.append(g)
+    return genomes
+
+
 def export_all(entries: dict[str, dict], export: Callable[[str], Path], save: Callable[[], None]) -> dict[str, Path]:
     """{key: export(key)} for every entry not marked "failed"; an export that raises FactoryError marks its entry
     failed (saved) instead of stopping the run."""
