@@ -55,11 +55,12 @@ def main() -> int:
                     help="measure with this many intra-op threads (a search worker on 2 cores gets 1)")
     ap.add_argument("--genomes", type=int, default=24)
     ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="prefill repetitions per profile (default: the search's, factory.search.latency.PROFILE_REPEATS)")
     ap.add_argument("--exports", type=Path, default=None, help="a folder of exports named by genome hash to reuse")
     ap.add_argument("--out", type=Path, default=Path("bench/out/gate"))
     args = ap.parse_args()
-    if args.threads < 1 or args.genomes < 1 or args.passes < 1 or args.repeats < 1:
+    if args.threads < 1 or args.genomes < 1 or args.passes < 1 or (args.repeats is not None and args.repeats < 1):
         raise SystemExit("--threads, --genomes, --passes and --repeats must be positive integers")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["FACTORY_HOME"] = str((args.out / "home").resolve())  # a private measurement store
@@ -69,11 +70,12 @@ def main() -> int:
     from factory import measure_gate
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
-    from factory.search.latency import export_for_target, representative_here
+    from factory.search.latency import PROFILE_REPEATS, export_for_target, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
     from targets import load_target
 
+    args.repeats = PROFILE_REPEATS if args.repeats is None else args.repeats
     if not measure_gate.enabled():
         raise SystemExit(f"the measurement gate is off here ({measure_gate.ENV}=0, or no POSIX flock)")
     target = replace(load_target(args.target), threads=args.threads)

@@ -11,7 +11,7 @@
    after the features were chosen); with --compare SAMPLES_JSON, how much faster or slower the same exports
    measure in this session than in another (the machine's drift).
 
-    .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 10]
+    .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 30]
         [--passes 10] [--run runs/demo] [--holdout-last 8] [--compare bench/out/other/samples.json]
 
 Measurements go to a private store under --out (not the user's), results to --out/latency.json and latency.md.
@@ -68,7 +68,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="prefill repetitions per profile (default: the search's, factory.search.latency.PROFILE_REPEATS)")
     ap.add_argument("--passes", type=int, default=10,
                     help="profile every export this many times, each pass after all of the previous one")
     ap.add_argument("--run", type=Path, default=None)
@@ -87,13 +88,16 @@ def main() -> int:
     from factory.features import VIEWS, latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
-    from factory.search.latency import export_for_target, representative_here
+    from factory.search.latency import PROFILE_REPEATS, export_for_target, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
     from profiles.latency_model import accuracy_summary, cross_validate, fit_best_view, relative_errors
     from profiles.runner import PROTOCOL_VERSION
     from targets import load_target
 
+    args.repeats = PROFILE_REPEATS if args.repeats is None else args.repeats
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be a positive integer")
     target = load_target(args.target)
     if args.threads is not None:
         if args.threads < 1:

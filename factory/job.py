@@ -49,11 +49,11 @@ PRESETS = {
                     batch_size=8, eval_windows=8, top_k=1, multiplier=2, seeds=2, profile_repeats=5),
     # ~15 minutes on 2 cores: the README's main job on the embedded corpus.
     "quick": Preset(n_layers=6, d_model=64, context=256, population=8, generations=3, tokens=65_536, seq_len=128,
-                    batch_size=16, eval_windows=32, top_k=2, multiplier=3, seeds=2, profile_repeats=20),
+                    batch_size=16, eval_windows=32, top_k=2, multiplier=3, seeds=2, profile_repeats=30),
     # real use on bigger machines: STAR's population and generations.
     "standard": Preset(n_layers=8, d_model=128, context=512, population=16, generations=18, tokens=2_000_000,
                        seq_len=256, batch_size=16, eval_windows=64, top_k=8, multiplier=4, seeds=2,
-                       profile_repeats=20),
+                       profile_repeats=30),
 }
 
 

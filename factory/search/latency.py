@@ -25,7 +25,10 @@ from pathlib import Path
 from factory import measure_gate
 from factory.errors import FactoryError
 
-PROFILE_REPEATS = 10  # prefill repetitions per candidate in the search (winners get the full protocol)
+# Prefill repetitions per candidate in the search. The median of 10 runs of a few-ms prefill moved by ~25% between
+# passes on a shared machine; with 30 the lowest of five passes became stable (98% of genomes within 10%, odd vs
+# even passes, from 89%) and the latency model's held-out prefill accuracy rose (bench/README.md, latency loop).
+PROFILE_REPEATS = 30
 PREFILTER_MARGIN = 1.5  # reject before training only when the prediction is this far over budget
 MIN_SAMPLES_TO_PREDICT = 8
 
