@@ -167,7 +167,8 @@ class LIVOperator(nn.Module):
     def traffic_elements(cls, d_model: int, spec: OpSpec, tokens: int) -> int:
         """Elements the parallel form writes into intermediates while processing `tokens` positions, including
         buffers an onnxruntime kernel makes for itself that are never live together (a latency feature, not a
-        memory bound). The default: the largest live intermediates."""
+        memory bound). The default: the largest live intermediates. The output projection's own copies (grouped
+        channel mixing) are added by `registry.traffic_elements` from `mix_width`, for every family alike."""
         return cls.activation_elements(d_model, spec, tokens)
 
     def extra_repr(self) -> str:
