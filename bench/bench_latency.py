@@ -98,6 +98,14 @@ def main() -> int:
     args.repeats = PROFILE_REPEATS if args.repeats is None else args.repeats
     if args.repeats < 1:
         raise SystemExit("--repeats must be a positive integer")
+    if not 0 <= args.holdout_last < args.genomes - 2:
+        raise SystemExit("--holdout-last must be 0 or leave at least 3 of --genomes to fit on")
+    other_session = None
+    if args.compare:  # read before measuring: a bad file must not surface after an hour of passes
+        try:
+            other_session = json.loads(args.compare.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--compare {args.compare}: cannot read it as a samples.json ({e})") from None
     target = load_target(args.target)
     if args.threads is not None:
         if args.threads < 1:
@@ -205,11 +213,10 @@ def main() -> int:
                 "median_signed_error": float(np.median(predicted / measured - 1.0))}
 
     drift = None
-    if args.compare:  # the same exports measured in another session: the machine's drift between the two
-        other = json.loads(args.compare.read_text())
+    if other_session is not None:  # the same exports measured in another session: the machine's drift between the two
         ratios = {q: [] for q in QUANTITIES}
         for s in samples:
-            entry = other.get(f"{s['hash']}:{setting}", {})
+            entry = other_session.get(f"{s['hash']}:{setting}", {})
             then = [v for k, v in entry.items() if k.startswith("pass")]
             if then:
                 for q in QUANTITIES:
@@ -258,6 +265,8 @@ def main() -> int:
             lines.append(f"| {q}: lowest of odd passes vs lowest of even passes within 10% / within 5% / median gap "
                          f"(noise ceiling) | {n['lowest_halves_within_10pct']:.0%} / "
                          f"{n['lowest_halves_within_5pct']:.0%} / {n['lowest_halves_median_gap']:.1%} |")
+    if drift is not None and not any(d["genomes"] for d in drift.values()):
+        lines.append(f"| {args.compare} | no exports in common measured with these settings ({setting}) |")
     for q, d in (drift or {}).items():
         if d["genomes"]:
             lines.append(f"| {q}: this session over {args.compare} for the same {d['genomes']} exports, lowest "
