@@ -14,6 +14,10 @@ per family, and the linear model learns one price per family and quantity:
                 scans, score matrices, convolutions' unrolled inputs and grouped projections' copies are bound by
                 moving these, not by FLOPs)
     act_kb_<f>  decode: the same formula at one token, in KB (a long convolution's step reads its whole window)
+    shared_mb   prefill: intermediates computed once per graph whatever the number of layers using them
+                (registry.shared_elements: one attention mask per distinct window and ALiBi slopes; the
+                exported graph builds it once, and onnxruntime's profile shows the mask's nodes in the first
+                layer that uses it only). A decode step's mask is one row, left to act_kb
     kops_head   operations of the embedding, final norm and logits
     weights_mb  weights read (a CPU decode step is mostly bound by reading weights and the cache)
     state_mb    the cache or recurrent state at that context
@@ -115,7 +119,7 @@ _GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for famil
 
 
 def pooled(features: dict[str, float]) -> dict[str, float]:
-    """The per-family groups summed over the families (`kops_head`, weights and state unchanged)."""
+    """The per-family groups summed over the families (`kops_head`, weights, state and shared unchanged)."""
     out: dict[str, float] = {}
     for name, value in features.items():
         group = _GROUP_OF.get(name, name)
@@ -141,12 +145,16 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
         flops = [f.decode / 1e6 for f in layer_flops(genome, decode_context)]
         act, tokens, act_unit = "act_kb", 1, 1e3
     features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act) for f in FAMILIES}}
+    shared: dict[tuple, int] = {}
     for i in range(genome.n_layers):
         family = layer_family(genome, i)
         features[f"kops_{family}"] += ops["layers"][i] / 1000.0
         features[f"flops_{family}"] += flops[i]
         elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), tokens)
         features[f"{act}_{family}"] += elements * bytes_per_weight / act_unit
+        shared.update(registry.shared_elements(genome.d_model, genome.layer_spec(i), tokens))
+    if metric == "prefill":
+        features["shared_mb"] = sum(shared.values()) * bytes_per_weight / 1e6
     context = prompt_length if metric == "prefill" else decode_context
     features.update({"kops_head": ops["head"] / 1000.0,
                      "weights_mb": param_count(genome) * bytes_per_weight / 1e6,

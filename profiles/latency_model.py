@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODEL_VERSION = 2
+MODEL_VERSION = 3  # 3: prefill features count attention masks once per graph (shared_mb)
 
 
 def _nonneg_weighted_lstsq(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:

@@ -206,7 +206,84 @@ def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     assert registry.traffic_elements(64, wide, 512) - registry.traffic_elements(64, short, 512) == 512 * 240 * 64
     for name in registry.families():
         for spec in registry.spec_variants(name, d_model=64, context=128):
-            assert registry.traffic_elements(64, spec, 128) >= registry.activation_elements(64, spec, 128) > 0
+            shared = sum(registry.shared_elements(64, spec, 128).values())
+            assert registry.traffic_elements(64, spec, 128) + shared >= registry.activation_elements(64, spec, 128) > 0
+
+
+def _masked_attention_genome():
+    """Three attention layers, two with the same window and ALiBi slopes, and a GLU between them."""
+    from factory.genome import Genome
+    from factory.genome.schema import LayerGene
+    from factory.ops import registry
+
+    alibi = registry.default_spec("attention").with_(heads=2, positional="alibi", window=16)
+    rope = registry.default_spec("attention").with_(heads=2, positional="rope", window=16)
+    glu = registry.default_spec("glu")
+    layers = tuple(LayerGene(op_class=c) for c in (0, 2, 0, 1))
+    return Genome(d_model=32, classes=(alibi, rope, glu), layers=layers, context=64, name="masks").validate()
+
+
+def test_attention_masks_are_counted_once_per_distinct_mask():
+    """The two ALiBi layers share one [H, T, T] mask, the RoPE window layer has its own [T, T] one; the layers'
+    traffic leaves the masks out."""
+    from dataclasses import replace
+
+    genome = _masked_attention_genome()
+    f = latency_features(genome, "prefill", 64, 64)
+    assert f["shared_mb"] == pytest.approx((2 + 1) * 64 * 64 * 4 / 1e6)
+    one_alibi = replace(genome, layers=genome.layers[1:])  # drop one of the two ALiBi layers
+    g = latency_features(one_alibi, "prefill", 64, 64)
+    assert g["shared_mb"] == f["shared_mb"] and g["act_mb_attention"] < f["act_mb_attention"]
+    unmasked = replace(genome, classes=tuple(c.with_(positional="none", window=0) if c.family == "attention" else c
+                                             for c in genome.classes))
+    u = latency_features(unmasked, "prefill", 64, 64)
+    assert u["shared_mb"] == 0 and u["act_mb_attention"] == pytest.approx(f["act_mb_attention"])
+    assert "shared_mb" not in latency_features(genome, "decode", 64, 64)
+
+
+def test_onnxruntime_builds_each_distinct_mask_once(tmp_path):
+    """What the shared_mb feature rests on: every masked attention layer builds its mask (a Where over [T, T] or
+    [H, T, T]) in PyTorch, but the graph onnxruntime runs has one Where per distinct mask (the exporter's and
+    onnxruntime's optimizers merge common subexpressions)."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.graphs import state_layout
+    from export.onnx_export import export_graphs
+    from factory.ops import registry
+    from factory.testing import perturbed_model
+
+    genome = _masked_attention_genome()
+    graphs = export_graphs(perturbed_model(genome), state_layout(genome), tmp_path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(graphs.prefill), options, providers=["CPUExecutionProvider"])
+
+    def wheres(path) -> int:
+        return sum(n.op_type == "Where" for n in onnx.load(str(path)).graph.node)
+
+    distinct = set()
+    for i in range(genome.n_layers):
+        distinct.update(registry.shared_elements(genome.d_model, genome.layer_spec(i), 64))
+    masked_layers = sum(genome.layer_spec(i).family == "attention" for i in range(genome.n_layers))
+    assert masked_layers == 3 and len(distinct) == 2
+    assert wheres(graphs.prefill) <= masked_layers
+    assert wheres(tmp_path / "optimized.onnx") == len(distinct)
+
+    # bench/latency_layer_profile.py's node-to-layer map puts each mask in the first layer that uses it (layer 0:
+    # ALiBi, layer 3: RoPE with a window; layer 2 reuses layer 0's), and every layer has nodes of its own
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "latency_layer_profile", Path(__file__).resolve().parents[1] / "bench" / "latency_layer_profile.py")
+    layer_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layer_profile)
+    layer_of = layer_profile.layer_of_node(graphs.prefill)
+    assert set(layer_of.values()) == {0, 1, 2, 3, "head"}
+    where_layers = {layer_of[n.name] for n in onnx.load(str(graphs.prefill)).graph.node if n.op_type == "Where"}
+    assert where_layers == {0, 3}
 
 
 def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_path, monkeypatch):

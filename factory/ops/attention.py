@@ -203,11 +203,29 @@ class Attention(LIVOperator):
         # QK^T and AV: 2 * dh FLOPs per key per head each, over H heads of width dh (H * dh = d).
         return Flops(proj + 4.0 * d_model * mean_keys, proj + 4.0 * d_model * decode_keys)
 
+    @staticmethod
+    def _mask_heads(spec) -> int:
+        """Heads of the float mask the parallel form builds: one [T, T] for a window, [H, T, T] with ALiBi."""
+        return spec.heads if spec.positional == "alibi" else (1 if spec.window > 0 else 0)
+
     @classmethod
     def activation_elements(cls, d_model, spec, tokens):
         # The parallel form materialises the scores [H, T, T], plus the float mask when window/ALiBi need one.
-        mask = spec.heads if spec.positional == "alibi" else (1 if spec.window > 0 else 0)
-        return (spec.heads + mask) * tokens * tokens + 4 * tokens * d_model
+        return (spec.heads + cls._mask_heads(spec)) * tokens * tokens + 4 * tokens * d_model
+
+    @classmethod
+    def traffic_elements(cls, d_model, spec, tokens):
+        return spec.heads * tokens * tokens + 4 * tokens * d_model  # the mask is shared_elements
+
+    @classmethod
+    def shared_elements(cls, d_model, spec, tokens):
+        # The mask depends on the length, the window and the ALiBi slopes (set by the head count) only: layers
+        # with the same window and slopes use one mask in the exported graph.
+        heads = cls._mask_heads(spec)
+        if not heads:
+            return {}
+        slopes = spec.heads if spec.positional == "alibi" else 0
+        return {("attention_mask", slopes, spec.window): heads * tokens * tokens}
 
     @classmethod
     def constraint_errors(cls, d_model, spec, context):

@@ -168,8 +168,18 @@ class LIVOperator(nn.Module):
         """Elements the parallel form writes into intermediates while processing `tokens` positions, including
         buffers an onnxruntime kernel makes for itself that are never live together (a latency feature, not a
         memory bound). The default: the largest live intermediates. The output projection's own copies (grouped
-        channel mixing) are added by `registry.traffic_elements` from `mix_width`, for every family alike."""
+        channel mixing) are added by `registry.traffic_elements` from `mix_width`, for every family alike; what
+        `shared_elements` names is left out."""
         return cls.activation_elements(d_model, spec, tokens)
+
+    @classmethod
+    def shared_elements(cls, d_model: int, spec: OpSpec, tokens: int) -> dict[tuple, int]:
+        """Intermediates computed from the prompt length and the spec alone, not from the layer's input (an
+        attention mask), keyed by what they depend on: {key: elements}. The exported graph computes each distinct
+        one once however many layers use it (the exporter's and onnxruntime's common subexpression elimination,
+        tests/test_latency_model.py), so the latency features
+        count each key once per genome (factory.features) and `traffic_elements` leaves them out."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"family={self.family}, d_model={self.d_model}"

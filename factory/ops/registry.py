@@ -188,6 +188,12 @@ def traffic_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
     return 2 * n if spec.differential else n
 
 
+def shared_elements(d_model: int, spec: OpSpec, tokens: int) -> dict[tuple, int]:
+    """A layer's intermediates computed once per graph (LIVOperator.shared_elements); a differential layer's two
+    copies share them."""
+    return family(spec.family).shared_elements(d_model, _base(spec), tokens)
+
+
 def feature_kinds(spec: OpSpec) -> tuple[str, ...]:
     return family(spec.family).feature_kinds
 
