@@ -72,7 +72,7 @@ def masks_per_layer(genome, prefill_features: dict, prompt_length: int) -> dict:
     return out
 
 
-QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill"}
+QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill", "prefill_min": "prefill"}
 
 
 def main() -> int:
@@ -104,10 +104,11 @@ def main() -> int:
     from factory.features import VIEWS, latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
-    from factory.search.latency import PROFILE_REPEATS, export_for_target, representative_here
+    from factory.search.latency import PROFILE_REPEATS, STATISTICS, export_for_target, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
-    from profiles.latency_model import accuracy_summary, cross_validate, fit_best_view, relative_errors
+    from profiles.latency_model import (_fit_views, _held_out_errors, accuracy_summary, cross_validate, fit_best_view,
+                                        relative_errors)
     from profiles.runner import PROTOCOL_VERSION
     from targets import load_target
 
@@ -140,14 +141,15 @@ def main() -> int:
     # more --genomes or --passes only measures what is new.
     cache_path = args.out / "samples.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    setting = f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}:protocol={PROTOCOL_VERSION}"
+    setting = (f"{target.fingerprint()}:threads={target.threads}:repeats={args.repeats}:protocol={PROTOCOL_VERSION}"
+               ":with_min")  # entries from before the fastest prefill run was kept lack it
 
     def save_cache():
         atomic_write(cache_path, json.dumps(cache, indent=1))
 
     def profile(export_dir: Path) -> dict:  # timing only: peak memory is not what this benchmark models
         m = profile_artifact(export_dir, target, repeats=args.repeats, memory=False, record=True)
-        return {q: m[f"{q.split('_')[0]}_ms"][q.split("_")[1]] for q in ("decode_p50", "decode_p95", "prefill_p50")}
+        return {q: m[f"{q.split('_')[0]}_ms"][q.split("_")[1]] for q in QUANTITIES}
 
     def exported(g) -> Path:
         export_dir = args.out / "exports" / g.hash()
@@ -196,13 +198,17 @@ def main() -> int:
                              "lowest_halves_within_5pct": float(np.mean(np.abs(halves) <= 0.05)),
                              "lowest_halves_median_gap": float(np.median(np.abs(halves)))})
 
+    def steady_key(metric: str) -> str:  # what the factory fits a metric's model on (factory.search.latency.STATISTICS)
+        return f"{metric}_{STATISTICS[metric][0]}"
+
     accuracy = {}
     for quantity, metric in QUANTITIES.items():
         y = [s[quantity] for s in samples]
+        steady = [s[steady_key(metric)] for s in samples]
         # what the factory fits: the view with the lower held-out error, its accuracy nested (chosen without the
-        # held-out genomes)
+        # held-out genomes), fitted on the steady statistic and scaled to this one
         rows_by_view = {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}
-        factory_model = fit_best_view(metric, rows_by_view, y)
+        factory_model = fit_best_view(metric, rows_by_view, steady, target=y)
         accuracy[f"{quantity} (factory: {factory_model.view} view)"] = {
             k: v for k, v in factory_model.accuracy.items() if k != "views"}
         for name, transform in FEATURE_SETS.items():
@@ -215,8 +221,20 @@ def main() -> int:
             accuracy[f"{quantity} (per family, each layer's attention mask counted)"] = cross_validate(metric, rows, y)
         # the same model judged against a single measurement (the first pass), as a search that measures once sees
         single = [s["passes"][0][quantity] for s in samples]
+        single_steady = [s["passes"][0][steady_key(metric)] for s in samples]
         accuracy[f"{quantity} (factory, one pass)"] = {
-            k: v for k, v in fit_best_view(metric, rows_by_view, single).accuracy.items() if k != "views"}
+            k: v for k, v in fit_best_view(metric, rows_by_view, single_steady, target=single).accuracy.items()
+            if k != "views"}
+        # fitted on single measurements as a search stores them, judged against the lowest of the passes: with and
+        # without the steady statistic
+        for label, fitted_on in (("factory", single_steady), (f"fitted on {quantity} itself", single)):
+            def predict(train, test, fitted_on=fitted_on):
+                chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()},
+                                       [fitted_on[i] for i in train], 5, [single[i] for i in train])
+                return chosen.predict([rows_by_view[chosen.view][i] for i in test])
+            errors = _held_out_errors(np.asarray(y), 5, 0, predict)
+            accuracy[f"{quantity} ({label}, fitted on one pass, judged against the lowest of the passes)"] = \
+                accuracy_summary(errors)
 
     if args.holdout_last:
         if not 0 < args.holdout_last < len(samples) - 2:
@@ -224,7 +242,7 @@ def main() -> int:
         fit, fresh = samples[: -args.holdout_last], samples[-args.holdout_last :]
         for quantity, metric in QUANTITIES.items():
             model = fit_best_view(metric, {v: [view(s["features"][metric]) for s in fit] for v, view in VIEWS.items()},
-                                  [s[quantity] for s in fit])
+                                  [s[steady_key(metric)] for s in fit], target=[s[quantity] for s in fit])
             predicted = model.predict([VIEWS[model.view](s["features"][metric]) for s in fresh])
             measured = np.array([s[quantity] for s in fresh])
             accuracy[f"{quantity} (factory, fitted on the first {len(fit)}, predicting the last {len(fresh)})"] = {

@@ -35,6 +35,25 @@ def test_cross_validation_reports_held_out_error():
     assert bad["mean_relative_error"] > good["mean_relative_error"] and bad["within_10pct"] < 1.0
 
 
+def test_fitted_on_one_statistic_predicts_another():
+    """Fitted on the steady statistic (a law plus little noise) and judged against the target statistic (the same
+    law times a machine-wide 1.2, plus more noise): the model learns the law and the ratio, and the held-out
+    accuracy is measured against the target."""
+    rng = np.random.default_rng(3)
+    rows = [{"x": float(x)} for x in rng.uniform(1, 10, 60)]
+    steady = np.array([2.0 + 3.0 * r["x"] for r in rows]) * rng.uniform(0.99, 1.01, 60)
+    target = steady * 1.2 * rng.uniform(0.97, 1.03, 60)
+    m = fit_with_accuracy("prefill", rows, steady, target=target)
+    assert m.scale == pytest.approx(1.2, rel=0.02)
+    assert m.predict_one({"x": 5.0}) == pytest.approx(1.2 * 17.0, rel=0.03)
+    assert m.accuracy["within_10pct"] == 1.0 and m.accuracy["mean_relative_error"] < 0.03
+    unscaled = cross_validate("prefill", rows, steady)  # judged against the steady values it was fitted on
+    assert cross_validate("prefill", rows, steady, target=target)["mean_relative_error"] > unscaled["mean_relative_error"]
+    assert LatencyModel.from_dict(m.to_dict()).predict_one({"x": 5.0}) == pytest.approx(m.predict_one({"x": 5.0}))
+    with pytest.raises(ValueError):
+        cross_validate("prefill", rows, steady, target=target[:-1])
+
+
 def test_model_round_trips_through_json(tmp_path):
     rows = [{"x": float(i)} for i in range(1, 10)]
     m = fit_with_accuracy("prefill", rows, [3.0 * r["x"] for r in rows])
@@ -287,8 +306,10 @@ def test_onnxruntime_builds_each_distinct_mask_once(tmp_path):
 
 
 def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_path, monkeypatch):
-    """A genome measured twice counts once, at its lower value (interference only adds time); measurements taken
-    with other threads or another prompt length, or under another protocol, do not count."""
+    """A genome measured twice counts once, at the lowest value of each statistic (interference only adds time):
+    the budget's (prefill p50) and the steady one the model is fitted on (the fastest prefill run), each from
+    whichever profile had it lowest; measurements taken with other threads or another prompt length, or under
+    another protocol, do not count."""
     from factory.search.latency import training_samples
     from profiles import PROTOCOL_VERSION, record_measurement
     from profiles.store import archive_genome
@@ -301,20 +322,22 @@ def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_pa
     for g in (a, b):
         archive_genome({"genome_hash": g.hash(), "genome": g.to_dict()})
 
-    def measured(genome, prefill_ms, **settings):
+    def measured(genome, prefill_ms, fastest=None, **settings):
         m = {"genome_hash": genome.hash(), "protocol_version": PROTOCOL_VERSION, "variant": "optimized",
              "threads": target.threads, "provider": target.provider, "prompt_length": target.prompt_length,
-             "decode_context": target.decode_context, "prefill_ms": {"p50": prefill_ms, "p95": prefill_ms * 1.1},
+             "decode_context": target.decode_context,
+             "prefill_ms": {"p50": prefill_ms, "p95": prefill_ms * 1.1, "min": fastest or prefill_ms * 0.9},
              "decode_ms": {"p50": 0.1, "p95": 0.2}}
         record_measurement(target, {**m, **settings})
 
-    measured(a, 5.0)
-    measured(a, 3.0)  # a quieter second profile of the same genome
+    measured(a, 5.0, fastest=2.5)  # a burst of interference in the middle of the runs: the median moved
+    measured(a, 3.0, fastest=2.8)  # a quieter second profile of the same genome
     measured(a, 9.0)
     measured(b, 1.0, threads=1)  # a --threads override
     measured(b, 1.5, prompt_length=128)  # before the target's prompt length was edited
     measured(b, 2.0, protocol_version=PROTOCOL_VERSION - 1)
     measured(b, 4.0)
-    rows, ys, hashes = training_samples(target, "prefill")
+    rows, ys, hashes, fastest = training_samples(target, "prefill")
     assert dict(zip(hashes, ys)) == {a.hash(): 3.0, b.hash(): 4.0}
+    assert dict(zip(hashes, fastest)) == {a.hash(): 2.5, b.hash(): pytest.approx(3.6)}
     assert rows[hashes.index(a.hash())]["layers_attention"] == 4

@@ -29,6 +29,10 @@ from factory.errors import FactoryError
 # passes on a shared machine; with 30 the lowest of five passes became stable (98% of genomes within 10%, odd vs
 # even passes, from 89%) and the latency model's held-out prefill accuracy rose (bench/README.md, latency loop).
 PROFILE_REPEATS = 30
+# What the latency model is fitted on and what it predicts, per metric: (steady statistic, budget statistic). The
+# fastest of a profile's prefill runs moves far less between profiles than their median on a shared machine, so a
+# model fitted on it and scaled to the median predicts the median better from single profiles (bench/README.md).
+STATISTICS = {"prefill": ("min", "p50"), "decode": ("p50", "p95")}
 PREFILTER_MARGIN = 1.5  # reject before training only when the prediction is this far over budget
 MIN_SAMPLES_TO_PREDICT = 8
 
@@ -70,37 +74,43 @@ def _comparable(measurement: dict, target) -> bool:
             and measurement.get("decode_context") == target.decode_context)
 
 
-def training_samples(target, metric: str, source: str | None = None) -> tuple[list[dict], list[float], list[str]]:
-    """(per-family feature rows, measured ms, genome hashes) from the target's store; `source` "board" keeps board
-    data only.
+def training_samples(target, metric: str, source: str | None = None
+                     ) -> tuple[list[dict], list[float], list[str], list[float]]:
+    """(per-family feature rows, measured ms of the budget's statistic, genome hashes, measured ms of the steady
+    statistic) from the target's store (STATISTICS: decode p95 and p50, prefill p50 and fastest run); `source`
+    "board" keeps board data only.
 
-    Decode samples use p95 (what the budget constrains), prefill samples p50. Only measurements of the current
-    protocol version taken with the target's current settings count. A genome measured more than once counts
-    once, with its lowest value: interference from other work only ever adds time (bench/bench_latency.py).
+    Only measurements of the current protocol version taken with the target's current settings count. A genome
+    measured more than once counts once, with the lowest value of each statistic: interference from other work only
+    ever adds time (bench/bench_latency.py).
     """
     from factory.features import latency_features
     from factory.genome.schema import Genome
     from profiles.runner import PROTOCOL_VERSION
     from profiles.store import load_archived_genome, load_measurements
 
-    lowest: dict[str, float] = {}
+    steady_stat, budget_stat = STATISTICS[metric]
+    lowest: dict[str, tuple[float, float]] = {}
     for record in load_measurements(target, protocol_version=PROTOCOL_VERSION):
         if source == "board" and not str(record.get("source", "")).startswith("board:"):
             continue
         h, m = record.get("genome_hash"), record.get("measurement", {})
-        value = (m.get("decode_ms") or {}).get("p95") if metric == "decode" else (m.get("prefill_ms") or {}).get("p50")
-        if h is None or value is None or not math.isfinite(float(value)) or not _comparable(m, target):
+        stats = m.get(f"{metric}_ms") or {}
+        values = (stats.get(budget_stat), stats.get(steady_stat))
+        if h is None or None in values or not all(math.isfinite(float(v)) for v in values) or not _comparable(m, target):
             continue
-        lowest[h] = min(float(value), lowest.get(h, math.inf))
-    rows, ys, hashes = [], [], []
-    for h, value in lowest.items():
+        before = lowest.get(h, (math.inf, math.inf))
+        lowest[h] = (min(float(values[0]), before[0]), min(float(values[1]), before[1]))
+    rows, ys, hashes, steady = [], [], [], []
+    for h, (value, steady_value) in lowest.items():
         genome_dict = load_archived_genome(h)
         if genome_dict is None:
             continue
         rows.append(latency_features(Genome.from_dict(genome_dict), metric, target.prompt_length, target.decode_context))
         ys.append(value)
         hashes.append(h)
-    return rows, ys, hashes
+        steady.append(steady_value)
+    return rows, ys, hashes, steady
 
 
 def fit_latency_model(target, metric: str | None = None, source: str | None = None):
@@ -110,10 +120,10 @@ def fit_latency_model(target, metric: str | None = None, source: str | None = No
     from profiles.latency_model import fit_best_view
 
     metric = metric or latency_metric(target)
-    rows, ys, _ = training_samples(target, metric, source)
+    rows, ys, _, steady = training_samples(target, metric, source)
     if len(ys) < MIN_SAMPLES_TO_PREDICT:
         return None
-    return fit_best_view(metric, {name: [view(r) for r in rows] for name, view in VIEWS.items()}, ys)
+    return fit_best_view(metric, {name: [view(r) for r in rows] for name, view in VIEWS.items()}, steady, target=ys)
 
 
 def predict_ms(model, genome, target) -> float:
@@ -275,7 +285,7 @@ def check_target_measurable(target_name: str) -> None:
     ok, why = representative_here(target)
     if ok:
         return
-    rows, _, _ = training_samples(target, latency_metric(target), source="board")
+    rows = training_samples(target, latency_metric(target), source="board")[0]
     if len(rows) < MIN_SAMPLES_TO_PREDICT:
         raise FactoryError(
             f"target {target.name} cannot be measured here ({why}) and has {len(rows)} imported board measurements "
