@@ -177,8 +177,8 @@ class LIVOperator(nn.Module):
         """Intermediates computed from the prompt length and the spec alone, not from the layer's input (an
         attention mask), keyed by what they depend on: {key: elements}. The exported graph computes each distinct
         one once however many layers use it (the exporter's and onnxruntime's common subexpression elimination,
-        tests/test_latency_model.py), so the latency features
-        count each key once per genome (factory.features) and `traffic_elements` leaves them out."""
+        tests/test_latency_model.py), so the latency features count each key once per genome (factory.features)
+        and `traffic_elements` leaves them out."""
         return {}
 
     def extra_repr(self) -> str:
