@@ -184,6 +184,9 @@ def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch, capsys):
     # deeper is slower, also beyond the measured range
     assert predict_ms(model, genome(12), target) > predict_ms(model, genome(2), target) > 0
 
+    assert model.scale >= 1.0  # fitted on each profile's fastest prefill run, scaled to its median
+    code, cap = model_cli("--metric", "prefill")
+    assert code == 0 and "fastest run, predicting its p50" in " ".join(cap.err.split()), cap.err
     code, cap = model_cli("--metric", "prefill", "--json")
     assert code == 0, cap.err
     shown = json.loads(cap.out)

@@ -95,7 +95,8 @@ def model_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Fit the target's latency model on its stored measurements and show its held-out accuracy."""
-    from factory.search.latency import MIN_SAMPLES_TO_PREDICT, fit_latency_model, latency_metric, training_samples
+    from factory.search.latency import (MIN_SAMPLES_TO_PREDICT, STATISTICS, fit_latency_model, latency_metric,
+                                        training_samples)
     from targets import load_target
 
     resolved = load_target(target)
@@ -120,8 +121,11 @@ def model_command(
         emit_json(data)
         return
     a = model.accuracy
+    steady, budget = STATISTICS[metric]
     console.print(f"{resolved.name}: {metric} latency model fitted on {model.n_samples} measurements, "
                   f"{model.view.replace('_', ' ')} features")
+    console.print(f"fitted on each profile's {'fastest run' if steady == 'min' else steady}, predicting its {budget} "
+                  f"(x{model.scale:.3f}, the median ratio)")
     console.print(f"held-out (5-fold, {a['n']} predictions): {a['within_10pct']:.0%} of predictions within +-10%, mean relative "
                   f"error {a['mean_relative_error']:.1%}, max {a['max_relative_error']:.1%}")
     for view, v in sorted(a.get("views", {}).items()):
