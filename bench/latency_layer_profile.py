@@ -1,7 +1,7 @@
 """Where the prefill latency model misses, layer by layer: onnxruntime's profiling trace mapped to layers.
 
 For every genome measured by bench_latency.py (its --out folder: latency.json and exports/), the optimized prefill
-graph runs with onnxruntime's profiling on (--runs timed runs after 3 warm-up runs, the target's prompt length,
+graph runs with onnxruntime's profiling on (--runs timed runs after the protocol's warm-up runs, the target's prompt length,
 --threads threads); each node's kernel time goes to the layer whose norm precedes it in the exported graph (the
 raw graph's `pkg.torch.onnx.name_scopes`: `model.norms.i` starts layer i, `model.final_norm` the head). A layer's
 time is its share of the kernel time times the genome's lowest measured prefill p50. Reports:
@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-WARMUP = 3
-
 
 def layer_of_node(raw_graph_path: Path) -> dict[str, int | str]:
     """{node name: layer index or "head"} in graph order, from the exporter's name scopes."""
@@ -57,7 +55,7 @@ def layer_of_node(raw_graph_path: Path) -> dict[str, int | str]:
 
 def profile_layers(export_dir: Path, threads: int, prompt_length: int, runs: int) -> dict[str, dict[str, float]]:
     """{layer: {operator type: median kernel ms over the runs}} of one prefill."""
-    from profiles.runner import _token_ids, create_session, vocab_size
+    from profiles.runner import PREFILL_WARMUP, _token_ids, create_session, vocab_size
 
     layers = layer_of_node(export_dir / "prefill.onnx")
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -66,13 +64,13 @@ def profile_layers(export_dir: Path, threads: int, prompt_length: int, runs: int
         session, _ = create_session(str(export_dir / "optimized" / "prefill.onnx"), ["CPUExecutionProvider"], [{}],
                                     threads, os.path.join(tmp, "prefill"))
         feed = {"input_ids": _token_ids(vocab_size(manifest), prompt_length)}
-        for _ in range(WARMUP + runs):
+        for _ in range(PREFILL_WARMUP + runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                     if e.get("cat") == "Session" and e.get("name") == "model_run")[WARMUP:]
+                     if e.get("cat") == "Session" and e.get("name") == "model_run")[PREFILL_WARMUP:]
     per_run = [defaultdict(lambda: defaultdict(float)) for _ in windows]
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
@@ -191,7 +189,6 @@ def main() -> int:
             lines.append(f"| {family} | {op} | {pairs} | {first:.2f} | {later:.2f} |")
     lines += ["", f"Masked attention layers where a Where over the mask ran exactly when the layer is the first to use "
                   f"its mask: {mask_agree[1]} of {sum(mask_agree)}."]
-    (args.out / "layer_profile.json").write_text(json.dumps(cache))
     (args.out / "layer_profile_report.json").write_text(json.dumps(report, indent=1))
     (args.out / "layer_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
