@@ -244,6 +244,9 @@ def _parity_summary(report, per_prompt: bool = False) -> dict:
     }
     if per_prompt:
         out["per_prompt"] = report.per_prompt
+    replayed = {case: d["float64"] for case, d in report.per_prompt.items() if "float64" in d}
+    if replayed:  # cases beyond tolerance, passed (or not) on their float64 replay
+        out["float64"] = replayed
     return out
 
 

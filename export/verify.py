@@ -6,11 +6,17 @@ Parity, for each prompt length (1, a medium one, and one longer than any window,
     next tokens in both: logits vs `LIVModel.step`;
   - continuation: each decoded logit row vs a PyTorch prefill of the whole sequence so far (the decode graph
     continues the sequence, it does not merely match `step`).
-Max absolute differences are reported; ONNX-vs-PyTorch must stay within `tolerance` (1e-4 for float32).
+Max absolute differences are reported; ONNX-vs-PyTorch must stay within `tolerance` (1e-4 for float32), or, for a
+case beyond it, be explained by float32 rounding: the case is replayed with a float64 copy of the model, and ONNX
+may be no further from it than FLOAT64_FACTOR times PyTorch float32 is. Some inputs are ill-conditioned (a
+one-token prompt through stacked un-normalised linear attention, whose per-head norm divides a sum that nearly
+cancels): there PyTorch float32 itself is off by ~3e-4 and two correct float32 graphs differ by more than 1e-4. A
+wrong graph is off by orders of magnitude more than the rounding, so it still fails.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,11 @@ CONTINUATION_TOLERANCE = 1e-3
 # arithmetic, not a wrong graph.
 OPTIMIZED_TOLERANCE = 5e-4
 DECODE_STEPS = 8
+# ONNX's distance from a float64 run may be this many times PyTorch float32's (another summation order rounds
+# differently; on the one-token case in tests/test_export.py ONNX is 1.2x PyTorch's distance).
+FLOAT64_FACTOR = 4.0
+# (report field, what it compares): the quantities held to `tolerance`, in the order a failure names them
+CHECKED = (("prefill_max_abs", "prefill logits"), ("state_max_rel", "prefill state"), ("decode_max_abs", "decode logits"))
 
 
 @dataclass
@@ -54,15 +65,26 @@ class ParityReport:
         return asdict(self)
 
     def failure(self) -> str | None:
-        if self.prefill_max_abs > self.tolerance:
-            return f"prefill logits differ from PyTorch by {self.prefill_max_abs:.3g} (tolerance {self.tolerance:g})"
-        if self.state_max_rel > self.tolerance:
-            return (
-                f"prefill state differs from PyTorch by {self.state_max_abs:.3g} ({self.state_max_rel:.3g} relative to "
-                f"its largest value; tolerance {self.tolerance:g})"
-            )
-        if self.decode_max_abs > self.tolerance:
-            return f"decode logits differ from PyTorch by {self.decode_max_abs:.3g} (tolerance {self.tolerance:g})"
+        """The first quantity of the first case beyond tolerance that float32 rounding does not explain."""
+        keys = ("prefill_max_abs", "state_max_abs", "state_max_rel", "decode_max_abs")
+        cases = self.per_prompt or {"": {key: getattr(self, key) for key in keys}}  # a report built by hand
+        for key, what in CHECKED:
+            for case, diffs in cases.items():
+                if diffs[key] <= self.tolerance:
+                    continue
+                rounding = diffs.get("float64", {}).get(key)
+                if rounding and rounding["onnx"] <= rounding["allowed"]:
+                    continue
+                where = f" ({case})" if case else ""
+                if key == "state_max_rel":
+                    found = (f"{what} differs from PyTorch by {diffs['state_max_abs']:.3g}{where}, {diffs[key]:.3g} "
+                             f"relative to its largest value (tolerance {self.tolerance:g})")
+                else:
+                    found = f"{what} differ from PyTorch by {diffs[key]:.3g}{where} (tolerance {self.tolerance:g})"
+                if rounding:
+                    found += (f"; against a float64 run ONNX is off by {rounding['onnx']:.3g}, more than "
+                              f"{FLOAT64_FACTOR:g}x PyTorch float32's {rounding['pytorch']:.3g}")
+                return found
         if self.continuation_max_abs > self.continuation_tolerance:
             return (
                 f"decode does not continue the prefill: logits differ from a longer prefill by "
@@ -133,33 +155,48 @@ def _parity(model, layout, prefill_path, decode_path, prompt_lengths, steps, bat
     prefill_sess, decode_sess = make_session(prefill_path, threads), make_session(decode_path, threads)
     names = [s.name for s in layout]
     report = ParityReport(tolerance=tolerance, decode_steps=steps, batch=batch, prompt_lengths=list(prompt_lengths))
+    model64 = None  # a float64 copy, made the first time a case is beyond tolerance
     gen = torch.Generator().manual_seed(seed)
     for rows, length in parity_cases(list(prompt_lengths), batch):
         ids = torch.randint(0, genome.vocab_size, (rows, length + steps), generator=gen)
         prompt, continuation = ids[:, :length], ids[:, length:]
         ref_logits, ref_state = model.prefill(prompt)
         outs = prefill_sess.run(None, {"input_ids": prompt.numpy()})
+        onnx_prefill = {"logits": outs[0], **dict(zip(names, outs[1:]))}
+        torch_prefill = {"logits": ref_logits.numpy(), **{n: ref_state[n].numpy() for n in names}}
         prefill_diff = _max_abs(outs[0], ref_logits.numpy())
         state_diff = max([_max_abs(o, ref_state[n].numpy()) for n, o in zip(names, outs[1:])], default=0.0)
         state_rel = max([_max_rel(o, ref_state[n].numpy()) for n, o in zip(names, outs[1:])], default=0.0)
         past = {f"past.{n}": o for n, o in zip(names, outs[1:])}
         decode_diff, cont_diff = 0.0, 0.0
+        onnx_decode, torch_decode = [], []
         for k in range(steps):
             token = continuation[:, k : k + 1]
             position = torch.full((rows, 1), length + k, dtype=torch.long)
             ref_logits, ref_state = model.step(token, position, ref_state)
             outs = decode_sess.run(None, {"input_ids": token.numpy(), "position_ids": position.numpy(), **past})
             past = {f"past.{n}": o for n, o in zip(names, outs[1:])}
+            onnx_decode.append(outs[0])
+            torch_decode.append(ref_logits.numpy())
             decode_diff = max(decode_diff, _max_abs(outs[0], ref_logits.numpy()))
             longer = model(ids[:, : length + k + 1])[:, -1:]
             cont_diff = max(cont_diff, _max_abs(outs[0], longer.numpy()))
-        report.per_prompt[f"batch{rows}-length{length}"] = {
+        case = {
             "prefill_max_abs": prefill_diff,
             "state_max_abs": state_diff,
             "state_max_rel": state_rel,
             "decode_max_abs": decode_diff,
             "continuation_max_abs": cont_diff,
         }
+        if max(case[key] for key, _ in CHECKED) > tolerance:
+            if model64 is None:
+                model64 = copy.deepcopy(model).double().eval()
+            try:
+                case["float64"] = _float64_distances(model64, names, prompt, continuation, onnx_prefill,
+                                                     torch_prefill, onnx_decode, torch_decode, tolerance)
+            except RuntimeError as e:  # no second opinion: the float32 verdict stands
+                case["float64"] = {"error": " ".join(str(e).split())[:200]}
+        report.per_prompt[f"batch{rows}-length{length}"] = case
         report.prefill_max_abs = max(report.prefill_max_abs, prefill_diff)
         report.state_max_abs = max(report.state_max_abs, state_diff)
         report.state_max_rel = max(report.state_max_rel, state_rel)
@@ -167,3 +204,25 @@ def _parity(model, layout, prefill_path, decode_path, prompt_lengths, steps, bat
         report.continuation_max_abs = max(report.continuation_max_abs, cont_diff)
     report.passed = report.failure() is None
     return report
+
+
+def _float64_distances(model64, names, prompt, continuation, onnx_prefill, torch_prefill, onnx_decode, torch_decode,
+                       tolerance) -> dict:
+    """How far ONNX and PyTorch float32 each are from a float64 run of the same case, per checked quantity, and
+    what ONNX is allowed: max(tolerance, FLOAT64_FACTOR x PyTorch's distance)."""
+    logits, state = model64.prefill(prompt)
+    exact = {"logits": logits.numpy(), **{n: state[n].numpy() for n in names}}
+    decode = []
+    for k in range(continuation.shape[1]):
+        position = torch.full((prompt.shape[0], 1), prompt.shape[1] + k, dtype=torch.long)
+        logits, state = model64.step(continuation[:, k : k + 1], position, state)
+        decode.append(logits.numpy())
+
+    def distances(prefill: dict, decoded: list) -> dict:
+        return {"prefill_max_abs": _max_abs(prefill["logits"], exact["logits"]),
+                "state_max_rel": max([_max_rel(prefill[n], exact[n]) for n in names], default=0.0),
+                "decode_max_abs": max([_max_abs(a, b) for a, b in zip(decoded, decode)], default=0.0)}
+
+    onnx_side, torch_side = distances(onnx_prefill, onnx_decode), distances(torch_prefill, torch_decode)
+    return {key: {"onnx": onnx_side[key], "pytorch": torch_side[key],
+                  "allowed": max(tolerance, FLOAT64_FACTOR * torch_side[key])} for key, _ in CHECKED}
