@@ -14,6 +14,13 @@ per family, and the linear model learns one price per family and quantity:
                 scans, score matrices, convolutions' unrolled inputs and grouped projections' copies are bound by
                 moving these, not by FLOPs)
     act_kb_<f>  decode: the same formula at one token, in KB (a long convolution's step reads its whole window)
+    small_mb_<f>, large_mb_<f>
+                prefill: MB those layers' operations write as PyTorch runs them (counted with the kops, outputs that
+                are not views of an input), in tensors under SMALL_TENSOR_BYTES and in larger ones. A tensor that
+                stays in a core's cache costs less per byte than one that streams through memory, and the run
+                sees what the formulas of act_mb leave out (every elementwise step of an activation, a head split's
+                copies); act_mb sees what PyTorch never writes (score matrices inside its fused attention, a
+                convolution's unrolled input), so the model keeps both
     shared_mb   prefill: intermediates computed once per graph whatever the number of layers using them
                 (registry.shared_elements: one attention mask per distinct window and ALiBi slopes; the
                 exported graph builds it once, and onnxruntime's profile shows the mask's nodes in the first
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from factory.genome.codec import FAMILY_ORDER
 from factory.genome.metrics import cache_bytes, layer_flops, param_count
@@ -43,28 +51,40 @@ from factory.ops import registry
 
 FAMILIES = (*FAMILY_ORDER, "latent_cross")
 HEAD = "head"
+# Where the written-MB features split "stays in cache" from "streams": 256 KB is within the L2 of a core on
+# current CPUs (256 KB-2 MB); held-out accuracy moved little for splits from 16 KB to 4 MB (bench/README.md).
+SMALL_TENSOR_BYTES = 256 * 1024
 
 _OPS_CACHE: dict[tuple[str, int], dict[str, dict]] = {}
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts every operator call that reaches the dispatcher inside the `with` block, per model part: a forward
-    pre-hook on each layer's norm (the first thing a layer runs) and on the final norm moves `part`."""
+    """Counts every operator call that reaches the dispatcher inside the `with` block, and the elements of the new
+    tensors it writes (small or large), per model part: a forward pre-hook on each layer's norm (the first thing a
+    layer runs) and on the final norm moves `part`."""
 
     def __init__(self):
         super().__init__()
         self.part: int | str = HEAD
         self.counts: dict[int | str, int] = {}
+        self.written: dict[tuple[int | str, bool], int] = {}  # (part, small?) -> elements
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[self.part] = self.counts.get(self.part, 0) + 1
-        return func(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for out in tree_leaves(result):
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:  # not a view
+                key = (self.part, out.numel() * out.element_size() < SMALL_TENSOR_BYTES)
+                self.written[key] = self.written.get(key, 0) + out.numel()
+        return result
 
 
 def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
-    """{"prefill": {"head": n, "layers": [n_0, n_1, ...]}, "decode": {...}}: operations of one prefill of
-    `prompt_length` tokens (the model's context if it cannot take more) and of one decode step after it. Cached per
-    genome and length."""
+    """{"prefill": {"head": n, "layers": [n_0, n_1, ...], "small": [e_0, ...], "large": [e_0, ...]}, "decode": {...}}:
+    operations of one prefill of `prompt_length` tokens (the model's context if it cannot take more) and of one
+    decode step after it, and the elements each layer writes in new tensors under and over SMALL_TENSOR_BYTES.
+    Cached per genome and length."""
     from factory.model import LIVModel
     from factory.threads import torch_threads
 
@@ -78,11 +98,13 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
         hooks.append(model.final_norm.register_forward_pre_hook(lambda *_: setattr(counter, "part", HEAD)))
 
         def count(run) -> dict:
-            counter.part, counter.counts = HEAD, {}
+            counter.part, counter.counts, counter.written = HEAD, {}, {}
             with counter:
                 result = run()
-            return result, {"head": counter.counts.get(HEAD, 0),
-                            "layers": [counter.counts.get(i, 0) for i in range(genome.n_layers)]}
+            layers = range(genome.n_layers)
+            return result, {"head": counter.counts.get(HEAD, 0), "layers": [counter.counts.get(i, 0) for i in layers],
+                            "small": [counter.written.get((i, True), 0) for i in layers],
+                            "large": [counter.written.get((i, False), 0) for i in layers]}
 
         def both(length: int) -> dict:
             ids = torch.zeros(1, max(2, length), dtype=torch.long)
@@ -114,7 +136,7 @@ def layer_counts(genome: Genome) -> dict[str, float]:
     return counts
 
 
-PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb", "act_kb")
+PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb", "act_kb", "small_mb", "large_mb")
 _GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for family in FAMILIES}
 
 
@@ -144,7 +166,8 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     else:  # MFLOP of each layer's decode step; KB its intermediates write
         flops = [f.decode / 1e6 for f in layer_flops(genome, decode_context)]
         act, tokens, act_unit = "act_kb", 1, 1e3
-    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act) for f in FAMILIES}}
+    written = ("small_mb", "large_mb") if metric == "prefill" else ()  # a decode step's tensors are all small
+    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act, *written) for f in FAMILIES}}
     shared: dict[tuple, int] = {}
     for i in range(genome.n_layers):
         family = layer_family(genome, i)
@@ -152,6 +175,8 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
         features[f"flops_{family}"] += flops[i]
         elements = registry.traffic_elements(genome.d_model, genome.layer_spec(i), tokens)
         features[f"{act}_{family}"] += elements * bytes_per_weight / act_unit
+        for group in written:
+            features[f"{group}_{family}"] += ops[group.split("_")[0]][i] * bytes_per_weight / 1e6
         shared.update(registry.shared_elements(genome.d_model, genome.layer_spec(i), tokens))
     if metric == "prefill":
         features["shared_mb"] = sum(shared.values()) * bytes_per_weight / 1e6

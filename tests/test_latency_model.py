@@ -217,6 +217,38 @@ def test_dispatched_operations_grow_with_depth_and_are_deterministic():
     assert dispatched_ops(genome(4), 64) == four  # counted again from scratch: the same
 
 
+def test_written_megabytes_count_new_tensors_by_size():
+    """What a layer writes as PyTorch runs it: new tensors only (a view writes nothing), under or over
+    SMALL_TENSOR_BYTES; a GLU layer writes its projection (2 x hidden per token) and more, in proportion to the
+    prompt, and a long prompt moves its tensors from small to large."""
+    import torch
+
+    from factory.features import SMALL_TENSOR_BYTES, _CountOps, dispatched_ops
+    from factory.genome.schema import Genome, LayerGene
+    from factory.ops import registry
+
+    counter = _CountOps()
+    x = torch.ones(16, 8)
+    with counter:
+        x.view(8, 16).transpose(0, 1)  # views of x
+        y = x + 1  # a new [16, 8] tensor
+        torch.ones(SMALL_TENSOR_BYTES // 4)  # exactly at the threshold: large
+    assert counter.written == {("head", True): y.numel(), ("head", False): SMALL_TENSOR_BYTES // 4}
+
+    glu = registry.default_spec("glu").with_(expansion=2)
+    genome = Genome(d_model=32, classes=(glu,), layers=(LayerGene(op_class=0),), context=4096).validate()
+    hidden = 2 * 32
+    for tokens in (8, 4096):
+        prefill = dispatched_ops(genome, tokens)["prefill"]
+        assert prefill["small"][0] + prefill["large"][0] >= 2 * hidden * tokens
+    short, long_ = dispatched_ops(genome, 8)["prefill"], dispatched_ops(genome, 4096)["prefill"]
+    assert short["large"] == [0] and long_["large"][0] > 0  # [4096, 2 x 64] float32 is 2 MB
+    assert long_["small"][0] + long_["large"][0] == 512 * (short["small"][0] + short["large"][0])
+    f = latency_features(genome, "prefill", 4096, 4096)
+    assert f["large_mb_glu"] == pytest.approx(long_["large"][0] * 4 / 1e6) and f["small_mb_attention"] == 0
+    assert not any(k.startswith(("small_mb", "large_mb")) for k in latency_features(genome, "decode", 64, 64))
+
+
 def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     """Convolutions' unrolled inputs (onnxruntime's im2col) grow with the filter length; the peak-memory estimate
     (activation_elements) does not count them, every other operator's traffic is its live intermediates."""
