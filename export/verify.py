@@ -42,7 +42,8 @@ DECODE_STEPS = 8
 # differently; on the one-token case in tests/test_export.py ONNX is 1.2x PyTorch's distance).
 FLOAT64_FACTOR = 4.0
 # (report field, what it compares): the quantities held to `tolerance`, in the order a failure names them
-CHECKED = (("prefill_max_abs", "prefill logits"), ("state_max_rel", "prefill state"), ("decode_max_abs", "decode logits"))
+CHECKED = (("prefill_max_abs", "prefill logits"), ("state_max_rel", "prefill state"),
+           ("decode_max_abs", "decode logits"))
 
 
 @dataclass

@@ -129,29 +129,39 @@ def test_shared_features_tied_weights_and_windows_export_with_parity(tmp_path):
     export_and_check(genome, tmp_path)
 
 
+def _six_layers(classes: list[dict], layers: list[dict]) -> Genome:
+    return Genome.from_dict({
+        "schema_version": 1,
+        "global": {"d_model": 64, "n_layers": 6, "vocab_size": 256, "context": 256, "norm": "rmsnorm",
+                   "latents": 0, "tie_embeddings": True},
+        "classes": classes, "layers": layers,
+    })
+
+
+def _export_with_parity(genome: Genome, seed: int, tmp_path: Path):
+    """Parity of the raw graphs of `genome` initialised with torch seed `seed`."""
+    import torch
+
+    from factory.model import LIVModel
+
+    torch.manual_seed(seed)
+    model = LIVModel(genome).eval()
+    layout = state_layout(genome)
+    graphs = export_graphs(model, layout, tmp_path)
+    return parity(model, layout, graphs.prefill, graphs.decode)
+
+
 def test_stacked_gated_linear_attention_keeps_parity(tmp_path):
     """Six data-decay linear-attention layers with signed (swish) feature maps: a head whose phi(q) . phi(k) nearly
     cancels is divided by its own RMS, which magnifies float32 rounding. With the norm's epsilon at 1e-6 this
     model, as initialised here, missed parity on one-token prompts (prefill state 1.2e-4 relative); the epsilon
     bounds that gain."""
-    import torch
-
-    from factory.model import LIVModel
-
     la = {"family": "linear_attention", "decay": "data", "nonlinearity": "swish", "channel_mixing": "dense"}
-    genome = Genome.from_dict({
-        "schema_version": 1,
-        "global": {"d_model": 64, "n_layers": 6, "vocab_size": 256, "context": 256, "norm": "rmsnorm",
-                   "latents": 0, "tie_embeddings": True},
-        "classes": [{**la, "heads": 4, "state_size": 64}, {**la, "heads": 8, "state_size": 8, "channel_mixing": "diagonal"}],
-        "layers": [{"op_class": c, "share": s} for c, s in
-                   ((0, "none"), (1, "tied"), (1, "none"), (1, "tied"), (0, "none"), (0, "none"))],
-    })
-    torch.manual_seed(2)
-    model = LIVModel(genome).eval()
-    layout = state_layout(genome)
-    graphs = export_graphs(model, layout, tmp_path)
-    report = parity(model, layout, graphs.prefill, graphs.decode)
+    genome = _six_layers(
+        [{**la, "heads": 4, "state_size": 64}, {**la, "heads": 8, "state_size": 8, "channel_mixing": "diagonal"}],
+        [{"op_class": c, "share": s}
+         for c, s in ((0, "none"), (1, "tied"), (1, "none"), (1, "tied"), (0, "none"), (0, "none"))])
+    report = _export_with_parity(genome, 2, tmp_path)
     assert report.passed, report.failure()
 
 
@@ -160,26 +170,13 @@ def test_rounding_beyond_tolerance_is_judged_against_float64(tmp_path):
     itself is ~3e-4 from a float64 run of the same model (the per-head norm of a nearly cancelling sum), so the
     exported graph's 6e-4 from PyTorch is rounding, not a wrong graph. Parity replays that case in float64 and
     passes it; the other cases stay within 1e-4 of PyTorch."""
-    import torch
-
-    from factory.model import LIVModel
-
     # (kernel does nothing in linear attention; it adds prompt lengths 5-7 to the parity cases, and so sets the
     # random prompts this model is checked with)
     la = {"family": "linear_attention", "decay": "data", "channel_mixing": "grouped", "kernel": 6}
-    genome = Genome.from_dict({
-        "schema_version": 1,
-        "global": {"d_model": 64, "n_layers": 6, "vocab_size": 256, "context": 256, "norm": "rmsnorm",
-                   "latents": 0, "tie_embeddings": True},
-        "classes": [{**la, "heads": 8, "state_size": 32, "nonlinearity": "identity"},
-                    {**la, "heads": 2, "state_size": 64, "nonlinearity": "swish"}],
-        "layers": [{"op_class": i % 2} for i in range(6)],
-    })
-    torch.manual_seed(3)
-    model = LIVModel(genome).eval()
-    layout = state_layout(genome)
-    graphs = export_graphs(model, layout, tmp_path)
-    report = parity(model, layout, graphs.prefill, graphs.decode)
+    genome = _six_layers([{**la, "heads": 8, "state_size": 32, "nonlinearity": "identity"},
+                          {**la, "heads": 2, "state_size": 64, "nonlinearity": "swish"}],
+                         [{"op_class": i % 2} for i in range(6)])
+    report = _export_with_parity(genome, 3, tmp_path)
     assert report.passed, report.failure()
     replayed = {case: d["float64"] for case, d in report.per_prompt.items() if "float64" in d}
     assert list(replayed) == ["batch1-length1"], report.to_dict()
@@ -202,11 +199,15 @@ def test_a_wrong_graph_is_not_excused_as_rounding():
     case = {"prefill_max_abs": 3e-2, "state_max_abs": 0.0, "state_max_rel": 0.0, "decode_max_abs": 0.0,
             "continuation_max_abs": 0.0}
     wrong = {"onnx": 3e-2, "pytorch": 1e-6, "allowed": 1e-4}
-    assert "0.03" in ParityReport(per_prompt={"batch2-length24": {**case, "float64": {"prefill_max_abs": wrong}}}).failure()
-    assert "0.03" in ParityReport(per_prompt={"batch2-length24": {**case, "float64": {"error": "dtype"}}}).failure()
+
+    def report(float64: dict) -> ParityReport:
+        return ParityReport(per_prompt={"batch2-length24": {**case, "float64": float64}})
+
+    assert "0.03" in report({"prefill_max_abs": wrong}).failure()
+    assert "0.03" in report({"error": "dtype"}).failure()
     assert "0.03" in ParityReport(prefill_max_abs=3e-2).failure()
     explained = {"onnx": 3e-2, "pytorch": 2e-2, "allowed": 8e-2}
-    assert ParityReport(per_prompt={"batch2-length24": {**case, "float64": {"prefill_max_abs": explained}}}).failure() is None
+    assert report({"prefill_max_abs": explained}).failure() is None
 
 
 def test_a_model_without_decode_state_exports(tmp_path):
