@@ -18,9 +18,9 @@ per family, and the linear model learns one price per family and quantity:
                 prefill: MB those layers' operations write as PyTorch runs them (counted with the kops, outputs that
                 are not views of an input), in tensors under SMALL_TENSOR_BYTES and in larger ones. A tensor that
                 stays in a core's cache costs less per byte than one that streams through memory, and the run
-                sees what the formulas of act_mb leave out (every elementwise step of an activation, a head split's
-                copies); act_mb sees what PyTorch never writes (score matrices inside its fused attention, a
-                convolution's unrolled input), so the model keeps both
+                sees what the formulas of act_mb leave out (each elementwise operation, such as the terms of a
+                series activation, and the copies of a head split); act_mb sees what PyTorch never writes (score
+                matrices inside its fused attention, a convolution's unrolled input), so the model keeps both
     shared_mb   prefill: intermediates computed once per graph whatever the number of layers using them
                 (registry.shared_elements: one attention mask per distinct window and ALiBi slopes; the
                 exported graph builds it once, and onnxruntime's profile shows the mask's nodes in the first
