@@ -88,15 +88,10 @@ def profile_layers(export_dir: Path, threads: int, prompt_length: int, runs: int
 
 
 def held_out(x: np.ndarray, y: np.ndarray, folds: int = 5) -> np.ndarray:
-    from profiles.latency_model import _nonneg_weighted_lstsq, relative_errors
+    """Relative errors of a non-negative least-squares fit of y on x, each row predicted without it (k-fold)."""
+    from profiles.latency_model import _held_out_errors, _nonneg_weighted_lstsq
 
-    order = np.random.default_rng(0).permutation(len(y))
-    predicted = np.empty(len(y))
-    for k in range(folds):
-        test = order[k::folds]
-        train = np.setdiff1d(order, test)
-        predicted[test] = x[test] @ _nonneg_weighted_lstsq(x[train], y[train], 1e-6)
-    return relative_errors(predicted, y)
+    return _held_out_errors(y, folds, 0, lambda train, test: x[test] @ _nonneg_weighted_lstsq(x[train], y[train], 1e-6))
 
 
 def main() -> int:

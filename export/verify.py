@@ -161,69 +161,55 @@ def _parity(model, layout, prefill_path, decode_path, prompt_lengths, steps, bat
     for rows, length in parity_cases(list(prompt_lengths), batch):
         ids = torch.randint(0, genome.vocab_size, (rows, length + steps), generator=gen)
         prompt, continuation = ids[:, :length], ids[:, length:]
-        ref_logits, ref_state = model.prefill(prompt)
+        torch_prefill, torch_decode = _pytorch_run(model, names, prompt, continuation)
         outs = prefill_sess.run(None, {"input_ids": prompt.numpy()})
         onnx_prefill = {"logits": outs[0], **dict(zip(names, outs[1:]))}
-        torch_prefill = {"logits": ref_logits.numpy(), **{n: ref_state[n].numpy() for n in names}}
-        prefill_diff = _max_abs(outs[0], ref_logits.numpy())
-        state_diff = max([_max_abs(o, ref_state[n].numpy()) for n, o in zip(names, outs[1:])], default=0.0)
-        state_rel = max([_max_rel(o, ref_state[n].numpy()) for n, o in zip(names, outs[1:])], default=0.0)
         past = {f"past.{n}": o for n, o in zip(names, outs[1:])}
-        decode_diff, cont_diff = 0.0, 0.0
-        onnx_decode, torch_decode = [], []
+        onnx_decode, cont_diff = [], 0.0
         for k in range(steps):
-            token = continuation[:, k : k + 1]
             position = torch.full((rows, 1), length + k, dtype=torch.long)
-            ref_logits, ref_state = model.step(token, position, ref_state)
-            outs = decode_sess.run(None, {"input_ids": token.numpy(), "position_ids": position.numpy(), **past})
+            feed = {"input_ids": continuation[:, k : k + 1].numpy(), "position_ids": position.numpy(), **past}
+            outs = decode_sess.run(None, feed)
             past = {f"past.{n}": o for n, o in zip(names, outs[1:])}
             onnx_decode.append(outs[0])
-            torch_decode.append(ref_logits.numpy())
-            decode_diff = max(decode_diff, _max_abs(outs[0], ref_logits.numpy()))
             longer = model(ids[:, : length + k + 1])[:, -1:]
             cont_diff = max(cont_diff, _max_abs(outs[0], longer.numpy()))
-        case = {
-            "prefill_max_abs": prefill_diff,
-            "state_max_abs": state_diff,
-            "state_max_rel": state_rel,
-            "decode_max_abs": decode_diff,
-            "continuation_max_abs": cont_diff,
-        }
+        case = {**_differences(names, onnx_prefill, onnx_decode, torch_prefill, torch_decode),
+                "continuation_max_abs": cont_diff}
         if max(case[key] for key, _ in CHECKED) > tolerance:
             if model64 is None:
                 model64 = copy.deepcopy(model).double().eval()
             try:
-                case["float64"] = _float64_distances(model64, names, prompt, continuation, onnx_prefill,
-                                                     torch_prefill, onnx_decode, torch_decode, tolerance)
+                exact = _pytorch_run(model64, names, prompt, continuation)
+                onnx_side = _differences(names, onnx_prefill, onnx_decode, *exact)
+                torch_side = _differences(names, torch_prefill, torch_decode, *exact)
+                case["float64"] = {key: {"onnx": onnx_side[key], "pytorch": torch_side[key],
+                                         "allowed": max(tolerance, FLOAT64_FACTOR * torch_side[key])}
+                                   for key, _ in CHECKED}
             except RuntimeError as e:  # no second opinion: the float32 verdict stands
                 case["float64"] = {"error": " ".join(str(e).split())[:200]}
         report.per_prompt[f"batch{rows}-length{length}"] = case
-        report.prefill_max_abs = max(report.prefill_max_abs, prefill_diff)
-        report.state_max_abs = max(report.state_max_abs, state_diff)
-        report.state_max_rel = max(report.state_max_rel, state_rel)
-        report.decode_max_abs = max(report.decode_max_abs, decode_diff)
-        report.continuation_max_abs = max(report.continuation_max_abs, cont_diff)
+        for key in ("prefill_max_abs", "state_max_abs", "state_max_rel", "decode_max_abs", "continuation_max_abs"):
+            setattr(report, key, max(getattr(report, key), case[key]))
     report.passed = report.failure() is None
     return report
 
 
-def _float64_distances(model64, names, prompt, continuation, onnx_prefill, torch_prefill, onnx_decode, torch_decode,
-                       tolerance) -> dict:
-    """How far ONNX and PyTorch float32 each are from a float64 run of the same case, per checked quantity, and
-    what ONNX is allowed: max(tolerance, FLOAT64_FACTOR x PyTorch's distance)."""
-    logits, state = model64.prefill(prompt)
-    exact = {"logits": logits.numpy(), **{n: state[n].numpy() for n in names}}
-    decode = []
+def _pytorch_run(model, names, prompt, continuation) -> tuple[dict, list]:
+    """({"logits": ..., state name: ...} of the prefill, the logits of each decode step fed its own state)."""
+    logits, state = model.prefill(prompt)
+    prefill = {"logits": logits.numpy(), **{n: state[n].numpy() for n in names}}
+    decoded = []
     for k in range(continuation.shape[1]):
         position = torch.full((prompt.shape[0], 1), prompt.shape[1] + k, dtype=torch.long)
-        logits, state = model64.step(continuation[:, k : k + 1], position, state)
-        decode.append(logits.numpy())
+        logits, state = model.step(continuation[:, k : k + 1], position, state)
+        decoded.append(logits.numpy())
+    return prefill, decoded
 
-    def distances(prefill: dict, decoded: list) -> dict:
-        return {"prefill_max_abs": _max_abs(prefill["logits"], exact["logits"]),
-                "state_max_rel": max([_max_rel(prefill[n], exact[n]) for n in names], default=0.0),
-                "decode_max_abs": max([_max_abs(a, b) for a, b in zip(decoded, decode)], default=0.0)}
 
-    onnx_side, torch_side = distances(onnx_prefill, onnx_decode), distances(torch_prefill, torch_decode)
-    return {key: {"onnx": onnx_side[key], "pytorch": torch_side[key],
-                  "allowed": max(tolerance, FLOAT64_FACTOR * torch_side[key])} for key, _ in CHECKED}
+def _differences(names, prefill: dict, decoded: list, ref_prefill: dict, ref_decoded: list) -> dict:
+    """Largest differences of one run's prefill logits, state and decode logits from a reference run's."""
+    return {"prefill_max_abs": _max_abs(prefill["logits"], ref_prefill["logits"]),
+            "state_max_abs": max([_max_abs(prefill[n], ref_prefill[n]) for n in names], default=0.0),
+            "state_max_rel": max([_max_rel(prefill[n], ref_prefill[n]) for n in names], default=0.0),
+            "decode_max_abs": max([_max_abs(a, b) for a, b in zip(decoded, ref_decoded)], default=0.0)}
