@@ -8,7 +8,8 @@
 3. constraint satisfaction: with --run DIR (a `factory run` folder), the share of its re-measured models that meet
    the target's budgets.
 4. with --holdout-last K, the model fitted on all but the last K genomes sampled predicts those K (genomes added
-   after the features were chosen); with --compare SAMPLES_JSON, how much faster or slower the same exports
+   after the features were chosen); a learning curve: the model fitted on n random genomes predicting the others,
+   for growing n (how many measurements a target needs); with --compare SAMPLES_JSON, how much faster or slower the same exports
    measure in this session than in another (the machine's drift).
 
     .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 30]
@@ -31,6 +32,9 @@ import numpy as np
 from measure_passes import distinct_samples, export_all, measure_in_passes  # bench/measure_passes.py: the measuring protocol of the benchmarks
 
 
+LEARNING_SIZES = (8, 16, 32, 64, 128, 192, 256, 320)  # genomes the learning curve fits on (those that leave 10 to judge)
+LEARNING_SPLITS = 10  # random draws of the fitted genomes per size
+
 FEATURE_SETS = {
     # one price per family and quantity (factory.features, view "per_family")
     "per family": lambda f: f,
@@ -50,10 +54,11 @@ def _written_unsplit(features: dict) -> dict:
     return out
 
 
-WRITTEN_ABLATIONS = {  # prefill only: decode features have no written MB
+COUNTED_ABLATIONS = {  # prefill only: what is counted as PyTorch runs the prefill (decode features have neither)
     "without the MB written as PyTorch runs": lambda f: {k: v for k, v in f.items()
                                                          if not k.startswith(("small_mb_", "large_mb_"))},
     "MB written not split by tensor size": _written_unsplit,
+    "without the narrow products' GFLOP": lambda f: {k: v for k, v in f.items() if not k.startswith("narrow_gflop_")},
 }
 
 
@@ -235,7 +240,7 @@ def main() -> int:
             accuracy[f"{quantity} (per family, act_mb of live intermediates only)"] = cross_validate(metric, rows, y)
             rows = [s["features"]["prefill, masks per layer"] for s in samples]  # what counting masks once adds
             accuracy[f"{quantity} (per family, each layer's attention mask counted)"] = cross_validate(metric, rows, y)
-            for label, transform in WRITTEN_ABLATIONS.items():  # what the MB written as PyTorch runs add, fitted
+            for label, transform in COUNTED_ABLATIONS.items():  # what the counts of a PyTorch run add, fitted
                 ablated = {v: [view(transform(s["features"][metric])) for s in samples] for v, view in VIEWS.items()}
                 accuracy[f"{quantity} (factory, {label})"] = {  # as the factory fits (view, steady statistic)
                     k: v for k, v in fit_best_view(metric, ablated, steady, target=y).accuracy.items() if k != "views"}
@@ -263,7 +268,7 @@ def main() -> int:
         for quantity, metric in QUANTITIES.items():
             variants = {"factory": lambda f: f}
             if metric == "prefill":
-                variants.update({f"factory, {label}": t for label, t in WRITTEN_ABLATIONS.items()})
+                variants.update({f"factory, {label}": t for label, t in COUNTED_ABLATIONS.items()})
             for label, transform in variants.items():
                 model = fit_best_view(
                     metric, {v: [view(transform(s["features"][metric])) for s in fit] for v, view in VIEWS.items()},
@@ -273,6 +278,29 @@ def main() -> int:
                 accuracy[f"{quantity} ({label}, fitted on the first {len(fit)}, predicting the last {len(fresh)})"] = {
                     **accuracy_summary(relative_errors(predicted, measured)),
                     "median_signed_error": float(np.median(predicted / measured - 1.0))}
+
+    # Learning curve: the factory's model fitted on n genomes drawn at random, judged on all the others, for
+    # growing n (LEARNING_SPLITS draws each). How many measurements a target's store needs before the model is
+    # trusted: the search already uses it from MIN_SAMPLES_TO_PREDICT on, as a pre-filter at PREFILTER_MARGIN.
+    learning = {}
+    for quantity, metric in QUANTITIES.items():
+        rows_by_view = {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}
+        steady = np.array([s[steady_key(metric)] for s in samples])
+        y = np.array([s[quantity] for s in samples])
+        for n in [n for n in LEARNING_SIZES if n <= len(samples) - 10]:
+            within, mean_error = [], []
+            for split in range(LEARNING_SPLITS):
+                order = np.random.default_rng(split).permutation(len(samples))
+                train, test = order[:n], order[n:]
+                chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()},
+                                       steady[train], 5, y[train])
+                errors = relative_errors(chosen.predict([rows_by_view[chosen.view][i] for i in test]), y[test])
+                within.append(float(np.mean(errors <= 0.10)))
+                mean_error.append(float(np.mean(errors)))
+            learning[f"{quantity} {n}"] = {"quantity": quantity, "fitted_on": n, "splits": LEARNING_SPLITS,
+                                           "within_10pct": float(np.mean(within)),
+                                           "within_10pct_range": [min(within), max(within)],
+                                           "mean_relative_error": float(np.mean(mean_error))}
 
     drift = None
     if other_session is not None:  # the same exports measured in another session: the machine's drift between the two
@@ -308,7 +336,7 @@ def main() -> int:
     result = {"target": target.name, "threads": target.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
               "genomes": len(samples), "failed": failed, "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
-              "measurement_noise": noise, "drift": drift, "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
+              "learning_curve": learning, "measurement_noise": noise, "drift": drift, "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",
@@ -320,6 +348,11 @@ def main() -> int:
         signed = f" / {a['median_signed_error']:+.1%} median signed error" if "median_signed_error" in a else ""
         lines.append(f"| {k}: held-out within +-10% / mean rel. error (n={a['n']}) | "
                      f"{a['within_10pct']:.0%} / {a['mean_relative_error']:.1%}{signed} |")
+    for c in learning.values():
+        lines.append(f"| {c['quantity']} (factory), fitted on {c['fitted_on']} random genomes, judged on the other "
+                     f"{len(samples) - c['fitted_on']}: within +-10% (range over {c['splits']} draws) / mean rel. "
+                     f"error | {c['within_10pct']:.0%} ({c['within_10pct_range'][0]:.0%}-"
+                     f"{c['within_10pct_range'][1]:.0%}) / {c['mean_relative_error']:.1%} |")
     for q, n in noise.items():
         lines.append(f"| {q}: genomes whose {args.passes} passes agree within 10% / median spread | "
                      f"{n['passes_within_10pct']:.0%} / {n['median_gap']:.1%} |")

@@ -21,6 +21,13 @@ per family, and the linear model learns one price per family and quantity:
                 sees what the formulas of act_mb leave out (each elementwise operation, such as the terms of a
                 series activation, and the copies of a head split); act_mb sees what PyTorch never writes (score
                 matrices inside its fused attention, a convolution's unrolled input), so the model keeps both
+    narrow_gflop_<f>
+                prefill: GFLOP of those layers' matrix products (counted with the kops: matmuls and the two products
+                of a fused attention) with a dimension under NARROW_PRODUCT_DIM: narrow heads, low-rank projections,
+                small state sizes. onnxruntime's CPU GEMM works on panels of 16 output columns; a product with a
+                side under 16 leaves part of a panel idle or does few multiply-adds for each output it stores, so
+                it runs at a fraction of a wide product's FLOP rate, while flops_<f> prices every FLOP of a family
+                the same. (A decode step's products are all one row.)
     shared_mb   prefill: intermediates computed once per graph whatever the number of layers using them
                 (registry.shared_elements: one attention mask per distinct window and ALiBi slopes; the
                 exported graph builds it once, and onnxruntime's profile shows the mask's nodes in the first
@@ -54,23 +61,46 @@ HEAD = "head"
 # Where the written-MB features split "stays in cache" from "streams": 256 KB is within the L2 of a core on
 # current CPUs (256 KB-2 MB); held-out accuracy moved little for splits from 16 KB to 4 MB (bench/README.md).
 SMALL_TENSOR_BYTES = 256 * 1024
+# Matrix products with a side under this are "narrow": narrower than one 16-column panel of the GEMM kernel
+# (what the narrow term adds to held-out accuracy: bench/README.md).
+NARROW_PRODUCT_DIM = 16
+_MATMULS = {torch.ops.aten.mm: (0, 1), torch.ops.aten.addmm: (1, 2), torch.ops.aten.bmm: (0, 1),
+            torch.ops.aten.baddbmm: (1, 2)}  # the operands' positions; nn.Linear and matmul reach these
+
+
+def _products(func, args) -> list[tuple[int, int, int, int]]:
+    """(batch, m, n, k) of each matrix product an operator computes: [.., m, k] @ [.., k, n]."""
+    packet = func.overloadpacket
+    if packet in _MATMULS:
+        a, b = (args[i] for i in _MATMULS[packet])
+        batch = a.shape[0] if a.dim() == 3 else 1
+        return [(batch, a.shape[-2], b.shape[-1], a.shape[-1])]
+    if "scaled_dot_product" in packet.__name__:  # fused attention: scores q k^T, then scores v
+        q, k, v = args[:3]
+        heads = q.numel() // (q.shape[-2] * q.shape[-1])
+        return [(heads, q.shape[-2], k.shape[-2], q.shape[-1]), (heads, q.shape[-2], v.shape[-1], k.shape[-2])]
+    return []
 
 _OPS_CACHE: dict[tuple[str, int], dict[str, dict]] = {}
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts every operator call that reaches the dispatcher inside the `with` block, and the elements of the new
-    tensors it writes (small or large), per model part: a forward pre-hook on each layer's norm (the first thing a
-    layer runs) and on the final norm moves `part`."""
+    """Counts every operator call that reaches the dispatcher inside the `with` block, the elements of the new
+    tensors it writes (small or large) and the FLOPs of its narrow matrix products, per model part: a forward
+    pre-hook on each layer's norm (the first thing a layer runs) and on the final norm moves `part`."""
 
     def __init__(self):
         super().__init__()
         self.part: int | str = HEAD
         self.counts: dict[int | str, int] = {}
         self.written: dict[tuple[int | str, bool], int] = {}  # (part, small?) -> elements
+        self.narrow: dict[int | str, int] = {}  # part -> FLOPs of products with a dimension under NARROW_PRODUCT_DIM
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[self.part] = self.counts.get(self.part, 0) + 1
+        for batch, m, n, k in _products(func, args):
+            if min(m, n, k) < NARROW_PRODUCT_DIM:
+                self.narrow[self.part] = self.narrow.get(self.part, 0) + 2 * batch * m * n * k
         result = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for out in tree_leaves(result):
@@ -81,10 +111,10 @@ class _CountOps(TorchDispatchMode):
 
 
 def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
-    """{"prefill": {"head": n, "layers": [n_0, n_1, ...], "small": [e_0, ...], "large": [e_0, ...]}, "decode": {...}}:
-    operations of one prefill of `prompt_length` tokens (the model's context if it cannot take more) and of one
-    decode step after it, and the elements each layer writes in new tensors under and over SMALL_TENSOR_BYTES.
-    Cached per genome and length."""
+    """{"prefill": {"head": n, "layers": [n_0, n_1, ...], "small": [e_0, ...], "large": [e_0, ...],
+    "narrow": [f_0, ...]}, "decode": {...}}: operations of one prefill of `prompt_length` tokens (the model's context
+    if it cannot take more) and of one decode step after it, the elements each layer writes in new tensors under and
+    over SMALL_TENSOR_BYTES, and the FLOPs of its narrow matrix products. Cached per genome and length."""
     from factory.model import LIVModel
     from factory.threads import torch_threads
 
@@ -98,13 +128,14 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
         hooks.append(model.final_norm.register_forward_pre_hook(lambda *_: setattr(counter, "part", HEAD)))
 
         def count(run) -> dict:
-            counter.part, counter.counts, counter.written = HEAD, {}, {}
+            counter.part, counter.counts, counter.written, counter.narrow = HEAD, {}, {}, {}
             with counter:
                 result = run()
             layers = range(genome.n_layers)
             return result, {"head": counter.counts.get(HEAD, 0), "layers": [counter.counts.get(i, 0) for i in layers],
                             "small": [counter.written.get((i, True), 0) for i in layers],
-                            "large": [counter.written.get((i, False), 0) for i in layers]}
+                            "large": [counter.written.get((i, False), 0) for i in layers],
+                            "narrow": [counter.narrow.get(i, 0) for i in layers]}
 
         def both(length: int) -> dict:
             ids = torch.zeros(1, max(2, length), dtype=torch.long)
@@ -136,7 +167,7 @@ def layer_counts(genome: Genome) -> dict[str, float]:
     return counts
 
 
-PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb", "act_kb", "small_mb", "large_mb")
+PER_FAMILY_GROUPS = ("layers", "kops", "flops", "act_mb", "act_kb", "small_mb", "large_mb", "narrow_gflop")
 _GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for family in FAMILIES}
 
 
@@ -166,8 +197,11 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     else:  # MFLOP of each layer's decode step; KB its intermediates write
         flops = [f.decode / 1e6 for f in layer_flops(genome, decode_context)]
         act, tokens, act_unit = "act_kb", 1, 1e3
-    written = ("small_mb", "large_mb") if metric == "prefill" else ()  # a decode step's tensors are all small
-    features = {**layer_counts(genome), **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act, *written) for f in FAMILIES}}
+    # a decode step's tensors are all small and its products all one row: these describe the prefill only
+    written = ("small_mb", "large_mb") if metric == "prefill" else ()
+    narrow = ("narrow_gflop",) if metric == "prefill" else ()
+    features = {**layer_counts(genome),
+                **{f"{g}_{f}": 0.0 for g in ("kops", "flops", act, *written, *narrow) for f in FAMILIES}}
     shared: dict[tuple, int] = {}
     for i in range(genome.n_layers):
         family = layer_family(genome, i)
@@ -177,6 +211,8 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
         features[f"{act}_{family}"] += elements * bytes_per_weight / act_unit
         for group in written:
             features[f"{group}_{family}"] += ops[group.split("_")[0]][i] * bytes_per_weight / 1e6
+        for group in narrow:
+            features[f"{group}_{family}"] += ops["narrow"][i] / 1e9
         shared.update(registry.shared_elements(genome.d_model, genome.layer_spec(i), tokens))
     if metric == "prefill":
         features["shared_mb"] = sum(shared.values()) * bytes_per_weight / 1e6

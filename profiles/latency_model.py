@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODEL_VERSION = 4  # 4: prefill features add the MB each family writes in small and large tensors; 3: shared_mb, `scale`
+MODEL_VERSION = 5  # 5: prefill narrow_gflop; 4: prefill small_mb and large_mb; 3: shared_mb, `scale`
 
 
 def _nonneg_weighted_lstsq(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:

@@ -249,6 +249,36 @@ def test_written_megabytes_count_new_tensors_by_size():
     assert not any(k.startswith(("small_mb", "large_mb")) for k in latency_features(genome, "decode", 64, 64))
 
 
+def test_narrow_products_count_the_flops_of_matrix_products_under_16_wide():
+    """A product with a side under NARROW_PRODUCT_DIM counts its FLOPs, a wider one nothing; an attention layer's
+    fused scores and weighted sum are narrow with 8-wide heads and not with 16-wide ones."""
+    import torch
+
+    from factory.features import NARROW_PRODUCT_DIM, _CountOps
+    from factory.genome.schema import Genome, LayerGene
+    from factory.ops import registry
+
+    assert NARROW_PRODUCT_DIM == 16
+    counter = _CountOps()
+    with counter:
+        torch.ones(32, 8) @ torch.ones(8, 32)  # k = 8: narrow
+        torch.ones(32, 16) @ torch.ones(16, 32)  # every side 16: wide
+        torch.nn.functional.linear(torch.ones(2, 32, 64), torch.ones(4, 64))  # n = 4: narrow
+        torch.ones(3, 40, 8).transpose(1, 2) @ torch.ones(3, 40, 20)  # batched, m = 8: narrow
+    assert counter.narrow == {"head": 2 * 32 * 32 * 8 + 2 * 64 * 4 * 64 + 2 * 3 * 8 * 20 * 40}
+
+    tokens, d = 64, 64
+    attention = registry.default_spec("attention").with_(positional="none", window=0, kv_repeat=1)
+    narrow = {}
+    for heads in (8, 4):
+        genome = Genome(d_model=d, classes=(attention.with_(heads=heads),), layers=(LayerGene(op_class=0),),
+                        context=tokens).validate()
+        narrow[heads] = latency_features(genome, "prefill", tokens, tokens)["narrow_gflop_attention"]
+        assert not any(k.startswith("narrow") for k in latency_features(genome, "decode", tokens, tokens))
+    # 8 heads of 8: q k^T and scores v, each 2 x heads x tokens x tokens x 8 FLOPs (the projections are 64 wide)
+    assert narrow[8] == pytest.approx(2 * 2 * 8 * tokens * tokens * 8 / 1e9) and narrow[4] == 0
+
+
 def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     """Convolutions' unrolled inputs (onnxruntime's im2col) grow with the filter length; the peak-memory estimate
     (activation_elements) does not count them, every other operator's traffic is its live intermediates."""
