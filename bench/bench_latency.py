@@ -9,8 +9,8 @@
    the target's budgets.
 4. with --holdout-last K, the model fitted on all but the last K genomes sampled predicts those K (genomes added
    after the features were chosen); a learning curve: the model fitted on n random genomes predicting the others,
-   for growing n (how many measurements a target needs); with --compare SAMPLES_JSON, how much faster or slower the same exports
-   measure in this session than in another (the machine's drift).
+   for growing n (how many measurements a target needs); with --compare SAMPLES_JSON, how much faster or slower
+   the same exports measure in this session than in another (the machine's drift).
 
     .venv/bin/python bench/bench_latency.py [--target laptop-cpu] [--threads 2] [--genomes 24] [--repeats 30]
         [--passes 10] [--run runs/demo] [--holdout-last 8] [--compare bench/out/other/samples.json]
@@ -32,7 +32,7 @@ import numpy as np
 from measure_passes import distinct_samples, export_all, measure_in_passes  # bench/measure_passes.py: the measuring protocol of the benchmarks
 
 
-LEARNING_SIZES = (8, 16, 32, 64, 128, 192, 256, 320)  # genomes the learning curve fits on (those that leave 10 to judge)
+LEARNING_SIZES = (8, 16, 32, 64, 128, 192, 256, 320)  # genomes the learning curve fits on (if 10 are left to judge)
 LEARNING_SPLITS = 10  # random draws of the fitted genomes per size
 
 FEATURE_SETS = {
@@ -336,7 +336,8 @@ def main() -> int:
     result = {"target": target.name, "threads": target.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_1min_at_end": load},
               "genomes": len(samples), "failed": failed, "wall_s": round(time.time() - t0, 1), "accuracy": accuracy,
-              "learning_curve": learning, "measurement_noise": noise, "drift": drift, "repeatability": repeated, "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
+              "learning_curve": learning, "measurement_noise": noise, "drift": drift, "repeatability": repeated,
+              "repeatability_spread": spread, "constraint_satisfaction": satisfaction,
               "samples": samples, "command": " ".join(["bench/bench_latency.py"] + os.sys.argv[1:])}
     (args.out / "latency.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Latency loop on {target.name} ({target.threads} threads)", "",

@@ -23,7 +23,7 @@ per family, and the linear model learns one price per family and quantity:
                 matrices inside its fused attention, a convolution's unrolled input), so the model keeps both
     narrow_gflop_<f>
                 prefill: GFLOP of those layers' matrix products (counted with the kops: matmuls and the two products
-                of a fused attention) with a dimension under NARROW_PRODUCT_DIM: narrow heads, low-rank projections,
+                of a fused attention) with a side under NARROW_PRODUCT_DIM: narrow heads, low-rank projections,
                 small state sizes. onnxruntime's CPU GEMM works on panels of 16 output columns; a product with a
                 side under 16 leaves part of a panel idle or does few multiply-adds for each output it stores, so
                 it runs at a fraction of a wide product's FLOP rate, while flops_<f> prices every FLOP of a family
@@ -75,7 +75,7 @@ def _products(func, args) -> list[tuple[int, int, int, int]]:
         a, b = (args[i] for i in _MATMULS[packet])
         batch = a.shape[0] if a.dim() == 3 else 1
         return [(batch, a.shape[-2], b.shape[-1], a.shape[-1])]
-    if "scaled_dot_product" in packet.__name__:  # fused attention: scores q k^T, then scores v
+    if "scaled_dot_product" in packet.__name__ and len(args) >= 3:  # fused attention: scores q k^T, then scores v
         q, k, v = args[:3]
         heads = q.numel() // (q.shape[-2] * q.shape[-1])
         return [(heads, q.shape[-2], k.shape[-2], q.shape[-1]), (heads, q.shape[-2], v.shape[-1], k.shape[-2])]
@@ -94,7 +94,7 @@ class _CountOps(TorchDispatchMode):
         self.part: int | str = HEAD
         self.counts: dict[int | str, int] = {}
         self.written: dict[tuple[int | str, bool], int] = {}  # (part, small?) -> elements
-        self.narrow: dict[int | str, int] = {}  # part -> FLOPs of products with a dimension under NARROW_PRODUCT_DIM
+        self.narrow: dict[int | str, int] = {}  # part -> FLOPs of products with a side under NARROW_PRODUCT_DIM
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[self.part] = self.counts.get(self.part, 0) + 1
