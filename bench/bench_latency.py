@@ -222,13 +222,24 @@ def main() -> int:
     def steady_key(metric: str) -> str:  # what the factory fits a metric's model on (factory.search.latency.STATISTICS)
         return f"{metric}_{STATISTICS[metric][0]}"
 
+    rows_of = {metric: {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}
+               for metric in set(QUANTITIES.values())}  # each genome's features in every view
+
+    def chosen_and_predicted(metric: str, fitted_on, target, train, test):
+        """The factory's model (view chosen by held-out error) fitted on the `train` genomes' `fitted_on` values,
+        scaled to `target`, predicting the `test` genomes."""
+        rows = rows_of[metric]
+        chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows.items()},
+                               [fitted_on[i] for i in train], 5, [target[i] for i in train])
+        return chosen.predict([rows[chosen.view][i] for i in test])
+
     accuracy = {}
     for quantity, metric in QUANTITIES.items():
         y = [s[quantity] for s in samples]
         steady = [s[steady_key(metric)] for s in samples]
         # what the factory fits: the view with the lower held-out error, its accuracy nested (chosen without the
         # held-out genomes), fitted on the steady statistic and scaled to this one
-        rows_by_view = {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}
+        rows_by_view = rows_of[metric]
         factory_model = fit_best_view(metric, rows_by_view, steady, target=y)
         accuracy[f"{quantity} (factory: {factory_model.view} view)"] = {
             k: v for k, v in factory_model.accuracy.items() if k != "views"}
@@ -253,11 +264,8 @@ def main() -> int:
         # fitted on single measurements as a search stores them, judged against the lowest of the passes: with and
         # without the steady statistic
         for label, fitted_on in (("factory", single_steady), (f"fitted on {quantity} itself", single)):
-            def predict(train, test, fitted_on=fitted_on):
-                chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()},
-                                       [fitted_on[i] for i in train], 5, [single[i] for i in train])
-                return chosen.predict([rows_by_view[chosen.view][i] for i in test])
-            errors = _held_out_errors(np.asarray(y), 5, 0, predict)
+            errors = _held_out_errors(np.asarray(y), 5, 0, lambda train, test, fitted_on=fitted_on:
+                                      chosen_and_predicted(metric, fitted_on, single, train, test))
             accuracy[f"{quantity} ({label}, fitted on one pass, judged against the lowest of the passes)"] = \
                 accuracy_summary(errors)
 
@@ -284,17 +292,14 @@ def main() -> int:
     # trusted: the search already uses it from MIN_SAMPLES_TO_PREDICT on, as a pre-filter at PREFILTER_MARGIN.
     learning = {}
     for quantity, metric in QUANTITIES.items():
-        rows_by_view = {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}
-        steady = np.array([s[steady_key(metric)] for s in samples])
+        steady = [s[steady_key(metric)] for s in samples]
         y = np.array([s[quantity] for s in samples])
         for n in [n for n in LEARNING_SIZES if n <= len(samples) - 10]:
             within, mean_error = [], []
             for split in range(LEARNING_SPLITS):
                 order = np.random.default_rng(split).permutation(len(samples))
                 train, test = order[:n], order[n:]
-                chosen, _ = _fit_views(metric, {v: [r[i] for i in train] for v, r in rows_by_view.items()},
-                                       steady[train], 5, y[train])
-                errors = relative_errors(chosen.predict([rows_by_view[chosen.view][i] for i in test]), y[test])
+                errors = relative_errors(chosen_and_predicted(metric, steady, y, train, test), y[test])
                 within.append(float(np.mean(errors <= 0.10)))
                 mean_error.append(float(np.mean(errors)))
             learning[f"{quantity} {n}"] = {"quantity": quantity, "fitted_on": n, "splits": LEARNING_SPLITS,

@@ -12,10 +12,11 @@ and no model can be judged more finely than the measurement repeats. This benchm
 and reports, per setting, the noise ceiling bench_latency reports (the lowest p95 of the odd passes against the
 lowest of the even ones, within 10%), how far one genome's p95 moves across passes, and p95 / p50.
 
-    .venv/bin/python bench/decode_tail.py --exports bench/out/latency/exports [--genomes 16] [--passes 6]
-        [--steps 200,2000,10000] [--out bench/out/decode-tail]
+    .venv/bin/python bench/decode_tail.py --exports bench/out/latency/exports [--target laptop-cpu] [--genomes 16]
+        [--passes 6] [--steps 200,2000,10000] [--out bench/out/decode-tail]
 
---exports is a folder of exports (bench_latency leaves one under its --out). Results: --out/decode_tail.json and
+--exports is a folder of exports (bench_latency leaves one under its --out); each is measured in the variant the
+target prefers, at its decode_context, with 1 intra-op thread (as bench_latency --threads 1). Results: --out/decode_tail.json and
 decode_tail.md. Run it with nothing else running: it measures for a few minutes.
 """
 
@@ -35,16 +36,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from factory.errors import FactoryError  # noqa: E402
 from profiles import runner  # noqa: E402  (the protocol's own session, past and timing functions)
+from profiles.profiler import choose_variant  # noqa: E402
+from targets import load_target  # noqa: E402
 
 THREADS = 1
 
 
-def decode_step(export_dir: Path, context: int):
-    """(decode session, feeds) for one step at `context` tokens, the past from a real prefill, as the protocol."""
+def decode_step(export_dir: Path, target):
+    """(decode session, feeds) for one step at the target's decode_context, the past from a real prefill, as the
+    protocol."""
     manifest = runner.read_manifest(export_dir)
-    variant = manifest.get("default_variant") or sorted(manifest["variants"])[0]
-    prefill_path, decode_path = runner.variant_paths(export_dir, manifest, variant)
+    context = target.decode_context
+    prefill_path, decode_path = runner.variant_paths(export_dir, manifest, choose_variant(manifest, target, None,
+                                                                                          export_dir))
     providers, options = ["CPUExecutionProvider"], [{}]
     prefill, _ = runner.create_session(prefill_path, providers, options, THREADS)
     decode, _ = runner.create_session(decode_path, providers, options, THREADS)
@@ -73,9 +79,10 @@ def main() -> int:
     ap.add_argument("--genomes", type=int, default=16)
     ap.add_argument("--passes", type=int, default=6)
     ap.add_argument("--steps", default="200,2000,10000")
-    ap.add_argument("--context", type=int, default=512, help="decode context (laptop-cpu's decode_context)")
+    ap.add_argument("--target", default="laptop-cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/out/decode-tail"))
     args = ap.parse_args()
+    target = load_target(args.target)
     try:
         step_counts = [int(s) for s in args.steps.split(",")]
     except ValueError:
@@ -101,7 +108,7 @@ def main() -> int:
         for i, export in enumerate(exports):
             order = list(settings) if pass_ % 2 == 0 else list(settings)[::-1]  # no setting always goes first
             for name in order:
-                decode, feeds = decode_step(export, args.context)  # a fresh session, as every profile has
+                decode, feeds = decode_step(export, target)  # a fresh session, as every profile has
                 ms = timed(decode, feeds, *settings[name])
                 samples[export.name][name].append([float(v) for v in np.percentile(ms, [50, 95])])
             print(f"[pass {pass_ + 1}/{args.passes} {i + 1}/{len(exports)}] {export.name[:10]}", flush=True)
@@ -121,11 +128,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["bench/decode_tail.py"] + sys.argv[1:])
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "genomes": len(exports),
-              "passes": args.passes, "context": args.context, "threads": THREADS, "wall_s": round(time.time() - t0, 1),
+              "passes": args.passes, "target": target.name, "context": target.decode_context, "threads": THREADS, "wall_s": round(time.time() - t0, 1),
               "settings": table, "samples": samples, "command": command}
     (args.out / "decode_tail.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Decode p95 across passes ({len(exports)} exports, {args.passes} passes, {THREADS} thread, "
-             f"context {args.context})", "", f"Machine: {result['machine']['platform']}, {os.cpu_count()} CPUs. "
+             f"{target.name}, context {target.decode_context})", "", f"Machine: {result['machine']['platform']}, {os.cpu_count()} CPUs. "
              f"Command: `.venv/bin/python {command}`", "",
              "| setting | p95: lowest of odd vs even passes within 10% (median gap) | p95 spread across passes "
              "(median) | p95 / p50 | p50: lowest halves within 10% |", "|---|---|---|---|---|"]
@@ -139,4 +146,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except FactoryError as e:  # a target that does not load, an export without the target's variant
+        raise SystemExit(str(e).splitlines()[0]) from None
