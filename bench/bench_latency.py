@@ -40,8 +40,8 @@ FEATURE_SETS = {
     "per family": lambda f: f,
     # one price per quantity (view "pooled")
     "pooled": lambda f: __import__("factory.features", fromlist=["pooled"]).pooled(f),
-    # per family without the dispatched-operation counts: the genome's formulas alone
-    "per family, without kops": lambda f: {k: v for k, v in f.items() if not k.startswith("kops")},
+    # per family without the dispatched-operation counts (per family and per operator): the genome's formulas alone
+    "per family, without kops": lambda f: {k: v for k, v in f.items() if not k.startswith(("kops", "calls_"))},
     # the operation count alone
     "kops only": lambda f: {"kops": sum(v for k, v in f.items() if k.startswith("kops"))},
 }
@@ -54,11 +54,15 @@ def _written_unsplit(features: dict) -> dict:
     return out
 
 
-COUNTED_ABLATIONS = {  # prefill only: what is counted as PyTorch runs the prefill (decode features have neither)
-    "without the MB written as PyTorch runs": lambda f: {k: v for k, v in f.items()
-                                                         if not k.startswith(("small_mb_", "large_mb_"))},
-    "MB written not split by tensor size": _written_unsplit,
-    "without the narrow products' GFLOP": lambda f: {k: v for k, v in f.items() if not k.startswith("narrow_gflop_")},
+def _without(*prefixes):
+    return lambda f: {k: v for k, v in f.items() if not k.startswith(prefixes)}
+
+
+COUNTED_ABLATIONS = {  # what is counted as PyTorch runs the model: label -> (metrics that have it, ablated features)
+    "without the calls per operator": (("decode", "prefill"), _without("calls_")),
+    "without the MB written as PyTorch runs": (("prefill",), _without("small_mb_", "large_mb_")),
+    "MB written not split by tensor size": (("prefill",), _written_unsplit),
+    "without the narrow products' GFLOP": (("prefill",), _without("narrow_gflop_")),
 }
 
 
@@ -251,9 +255,10 @@ def main() -> int:
             accuracy[f"{quantity} (per family, act_mb of live intermediates only)"] = cross_validate(metric, rows, y)
             rows = [s["features"]["prefill, masks per layer"] for s in samples]  # what counting masks once adds
             accuracy[f"{quantity} (per family, each layer's attention mask counted)"] = cross_validate(metric, rows, y)
-            for label, transform in COUNTED_ABLATIONS.items():  # what the counts of a PyTorch run add, fitted
+        for label, (metrics, transform) in COUNTED_ABLATIONS.items():  # what the counts of a PyTorch run add,
+            if metric in metrics:                                         # fitted as the factory fits
                 ablated = {v: [view(transform(s["features"][metric])) for s in samples] for v, view in VIEWS.items()}
-                accuracy[f"{quantity} (factory, {label})"] = {  # as the factory fits (view, steady statistic)
+                accuracy[f"{quantity} (factory, {label})"] = {
                     k: v for k, v in fit_best_view(metric, ablated, steady, target=y).accuracy.items() if k != "views"}
         # the same model judged against a single measurement (the first pass), as a search that measures once sees
         single = [s["passes"][0][quantity] for s in samples]
@@ -274,9 +279,9 @@ def main() -> int:
             raise SystemExit(f"--holdout-last must leave at least 3 of the {len(samples)} genomes to fit on")
         fit, fresh = samples[: -args.holdout_last], samples[-args.holdout_last :]
         for quantity, metric in QUANTITIES.items():
-            variants = {"factory": lambda f: f}
-            if metric == "prefill":
-                variants.update({f"factory, {label}": t for label, t in COUNTED_ABLATIONS.items()})
+            variants = {"factory": lambda f: f, **{f"factory, {label}": t
+                                                   for label, (metrics, t) in COUNTED_ABLATIONS.items()
+                                                   if metric in metrics}}
             for label, transform in variants.items():
                 model = fit_best_view(
                     metric, {v: [view(transform(s["features"][metric])) for s in fit] for v, view in VIEWS.items()},

@@ -21,6 +21,11 @@ per family, and the linear model learns one price per family and quantity:
                 sees what the formulas of act_mb leave out (each elementwise operation, such as the terms of a
                 series activation, and the copies of a head split); act_mb sees what PyTorch never writes (score
                 matrices inside its fused attention, a convolution's unrolled input), so the model keeps both
+    calls_<op>  thousands of calls of each ATen operator `op` in the whole prefill or decode step (counted with the
+                kops), whatever family makes them. kops_<f> prices every operation of a family the same, but the
+                graph onnxruntime runs does not: a GELU exports as several nodes (opset 18 has no Gelu), a slice or
+                an unsqueeze becomes a node of its own while a transposed weight folds into the initializer. One
+                price per operator corrects the family's average
     narrow_gflop_<f>
                 prefill: GFLOP of those layers' matrix products (counted with the kops: matmuls and the two products
                 of a fused attention) with a side under NARROW_PRODUCT_DIM: narrow heads, low-rank projections,
@@ -37,12 +42,14 @@ per family, and the linear model learns one price per family and quantity:
     state_mb    the cache or recurrent state at that context
 
 f runs over the registry's families plus `latent_cross` (the Perceiver-AR cross-attention layer). Everything but
-the kops come from the genome's formulas alone; the kops compile the model and run it once (cached per genome).
+the kops, calls and written MB come from the genome's formulas alone; those compile the model and run it once
+(cached per genome).
 
 One price per family and quantity has several times more coefficients to fit than one price per quantity, so with
 few measurements the coarser model can predict better. The features therefore come in two VIEWS, "per_family" and
-"pooled" (each group summed over the families), and the latency model keeps the view with the lower held-out
-error at every re-fit (bench/bench_latency.py reports both).
+"pooled" (each group summed over the families, and no calls per operator: those add up to the pooled kops), and
+the latency model keeps the view with the lower held-out error at every re-fit (bench/bench_latency.py reports
+both).
 """
 
 from __future__ import annotations
@@ -95,9 +102,12 @@ class _CountOps(TorchDispatchMode):
         self.counts: dict[int | str, int] = {}
         self.written: dict[tuple[int | str, bool], int] = {}  # (part, small?) -> elements
         self.narrow: dict[int | str, int] = {}  # part -> FLOPs of products with a side under NARROW_PRODUCT_DIM
+        self.calls: dict[str, int] = {}  # ATen operator name -> calls, all parts together
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[self.part] = self.counts.get(self.part, 0) + 1
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
         for batch, m, n, k in _products(func, args):
             if min(m, n, k) < NARROW_PRODUCT_DIM:
                 self.narrow[self.part] = self.narrow.get(self.part, 0) + 2 * batch * m * n * k
@@ -112,9 +122,10 @@ class _CountOps(TorchDispatchMode):
 
 def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
     """{"prefill": {"head": n, "layers": [n_0, n_1, ...], "small": [e_0, ...], "large": [e_0, ...],
-    "narrow": [f_0, ...]}, "decode": {...}}: operations of one prefill of `prompt_length` tokens (the model's context
-    if it cannot take more) and of one decode step after it, the elements each layer writes in new tensors under and
-    over SMALL_TENSOR_BYTES, and the FLOPs of its narrow matrix products. Cached per genome and length."""
+    "narrow": [f_0, ...], "calls": {op: n}}, "decode": {...}}: operations of one prefill of `prompt_length` tokens
+    (the model's context if it cannot take more) and of one decode step after it, the elements each layer writes in
+    new tensors under and over SMALL_TENSOR_BYTES, the FLOPs of its narrow matrix products, and the calls of each
+    ATen operator in the whole model. Cached per genome and length."""
     from factory.model import LIVModel
     from factory.threads import torch_threads
 
@@ -128,14 +139,14 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
         hooks.append(model.final_norm.register_forward_pre_hook(lambda *_: setattr(counter, "part", HEAD)))
 
         def count(run) -> dict:
-            counter.part, counter.counts, counter.written, counter.narrow = HEAD, {}, {}, {}
+            counter.part, counter.counts, counter.written, counter.narrow, counter.calls = HEAD, {}, {}, {}, {}
             with counter:
                 result = run()
             layers = range(genome.n_layers)
             return result, {"head": counter.counts.get(HEAD, 0), "layers": [counter.counts.get(i, 0) for i in layers],
                             "small": [counter.written.get((i, True), 0) for i in layers],
                             "large": [counter.written.get((i, False), 0) for i in layers],
-                            "narrow": [counter.narrow.get(i, 0) for i in layers]}
+                            "narrow": [counter.narrow.get(i, 0) for i in layers], "calls": dict(counter.calls)}
 
         def both(length: int) -> dict:
             ids = torch.zeros(1, max(2, length), dtype=torch.long)
@@ -172,9 +183,12 @@ _GROUP_OF = {f"{group}_{family}": group for group in PER_FAMILY_GROUPS for famil
 
 
 def pooled(features: dict[str, float]) -> dict[str, float]:
-    """The per-family groups summed over the families (`kops_head`, weights, state and shared unchanged)."""
+    """The per-family groups summed over the families (`kops_head`, weights, state and shared unchanged), without
+    the calls per operator: a view with few prices, for few measurements."""
     out: dict[str, float] = {}
     for name, value in features.items():
+        if name.startswith("calls_"):
+            continue
         group = _GROUP_OF.get(name, name)
         out[group] = out.get(group, 0.0) + value
     return out
@@ -217,6 +231,7 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
     if metric == "prefill":
         features["shared_mb"] = sum(shared.values()) * bytes_per_weight / 1e6
     context = prompt_length if metric == "prefill" else decode_context
+    features.update({f"calls_{op}": n / 1000.0 for op, n in sorted(ops["calls"].items())})
     features.update({"kops_head": ops["head"] / 1000.0,
                      "weights_mb": param_count(genome) * bytes_per_weight / 1e6,
                      "state_mb": cache_bytes(genome, context) / 1e6})

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODEL_VERSION = 5  # 5: prefill narrow_gflop; 4: prefill small_mb and large_mb; 3: shared_mb, `scale`
+# 6: calls per operator; 5: prefill narrow_gflop; 4: prefill small_mb and large_mb; 3: shared_mb, `scale`
+MODEL_VERSION = 6
 
 
 def _nonneg_weighted_lstsq(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
@@ -96,6 +97,12 @@ class LatencyModel:
         os.replace(tmp, path)
 
 
+def feature_names(rows: list[dict]) -> list[str]:
+    """Every feature any row has, sorted: a feature a row lacks is 0 for it (a genome that never calls an operator
+    has no calls_<op>)."""
+    return sorted(set().union(*rows)) if rows else []
+
+
 def relative_errors(predicted, measured) -> np.ndarray:
     predicted, measured = np.asarray(predicted, float), np.asarray(measured, float)
     return np.abs(predicted - measured) / np.maximum(measured, 1e-12)
@@ -141,7 +148,7 @@ def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int =
     `target` when the model predicts another statistic than it is fitted on."""
     y = np.asarray(y, dtype=float)
     target, judged = _judged(y, target)
-    names = sorted(rows[0]) if rows else []
+    names = feature_names(rows)
 
     def predict(train, test):
         model = LatencyModel(metric, names).fit([rows[i] for i in train], y[train],
@@ -153,7 +160,7 @@ def cross_validate(metric: str, rows: list[dict], y, folds: int = 5, seed: int =
 
 def fit_with_accuracy(metric: str, rows: list[dict], y, folds: int = 5, view: str = "default",
                       target=None) -> LatencyModel:
-    model = LatencyModel(metric, sorted(rows[0]), view=view).fit(rows, y, target=target)
+    model = LatencyModel(metric, feature_names(rows), view=view).fit(rows, y, target=target)
     model.accuracy = cross_validate(metric, rows, y, folds, target=target)
     return model
 

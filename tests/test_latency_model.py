@@ -279,6 +279,41 @@ def test_narrow_products_count_the_flops_of_matrix_products_under_16_wide():
     assert narrow[8] == pytest.approx(2 * 2 * 8 * tokens * tokens * 8 / 1e9) and narrow[4] == 0
 
 
+def test_calls_per_operator_add_up_to_the_operations_counted():
+    """calls_<op> splits every counted operation by its ATen operator: they sum to the kops (layers and head), a
+    GLU's activation shows up as its own operator once per GLU layer, and the pooled view leaves them out."""
+    from factory.features import pooled
+    from factory.genome.schema import Genome, LayerGene
+    from factory.ops import registry
+
+    glu = registry.default_spec("glu")
+    for metric in ("prefill", "decode"):
+        calls = {}
+        for nonlinearity in ("gelu", "relu"):
+            classes = (registry.default_spec("attention"), glu.with_(nonlinearity=nonlinearity))
+            genome = Genome(d_model=32, classes=classes,
+                            layers=tuple(LayerGene(op_class=i % 2) for i in range(6)), context=64).validate()
+            f = latency_features(genome, metric, 64, 64)
+            assert sum(v for k, v in f.items() if k.startswith("calls_")) == pytest.approx(
+                sum(v for k, v in f.items() if k.startswith("kops_")))
+            assert not any(k.startswith("calls_") for k in pooled(f))
+            calls[nonlinearity] = {k: round(v * 1000) for k, v in f.items() if k.startswith("calls_")}
+        assert calls["gelu"].get("calls_gelu") == 3 and "calls_relu" not in calls["gelu"]
+        assert calls["relu"].get("calls_relu") == 3 and "calls_gelu" not in calls["relu"]
+
+
+def test_a_feature_missing_from_a_row_counts_as_zero():
+    """Rows of sparse features (a genome that never calls an operator has no calls_<op>) fit on every feature any
+    row has."""
+    rng = np.random.default_rng(0)
+    rows = [{"a": float(a)} if i % 3 else {"a": float(a), "b": float(b)}
+            for i, (a, b) in enumerate(rng.uniform(1, 5, (40, 2)))]
+    y = np.array([2.0 * r["a"] + 7.0 * r.get("b", 0.0) + 1.0 for r in rows])
+    model = fit_with_accuracy("decode", rows, y)
+    assert model.feature_names == ["a", "b"]
+    assert model.coef == pytest.approx([2.0, 7.0], rel=1e-3) and model.accuracy["within_10pct"] == 1.0
+
+
 def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     """Convolutions' unrolled inputs (onnxruntime's im2col) grow with the filter length; the peak-memory estimate
     (activation_elements) does not count them, every other operator's traffic is its live intermediates."""
