@@ -35,13 +35,18 @@ from measure_passes import distinct_samples, export_all, measure_in_passes  # be
 LEARNING_SIZES = (8, 16, 32, 64, 128, 192, 256, 320)  # genomes the learning curve fits on (if 10 are left to judge)
 LEARNING_SPLITS = 10  # random draws of the fitted genomes per size
 
+
+def _without(*prefixes):  # the features but those starting with prefixes
+    return lambda f: {k: v for k, v in f.items() if not k.startswith(prefixes)}
+
+
 FEATURE_SETS = {
     # one price per family and quantity (factory.features, view "per_family")
     "per family": lambda f: f,
     # one price per quantity (view "pooled")
     "pooled": lambda f: __import__("factory.features", fromlist=["pooled"]).pooled(f),
     # per family without the dispatched-operation counts (per family and per operator): the genome's formulas alone
-    "per family, without kops": lambda f: {k: v for k, v in f.items() if not k.startswith(("kops", "calls_"))},
+    "per family, without kops": _without("kops", "calls_"),
     # the operation count alone
     "kops only": lambda f: {"kops": sum(v for k, v in f.items() if k.startswith("kops"))},
 }
@@ -52,10 +57,6 @@ def _written_unsplit(features: dict) -> dict:
             name = "written_mb_" + k.split("_mb_")[1]
             out[name] = out.get(name, 0.0) + v
     return out
-
-
-def _without(*prefixes):
-    return lambda f: {k: v for k, v in f.items() if not k.startswith(prefixes)}
 
 
 COUNTED_ABLATIONS = {  # what is counted as PyTorch runs the model: label -> (metrics that have it, ablated features)

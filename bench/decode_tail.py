@@ -16,8 +16,8 @@ lowest of the even ones, within 10%), how far one genome's p95 moves across pass
         [--passes 6] [--steps 200,2000,10000] [--out bench/out/decode-tail]
 
 --exports is a folder of exports (bench_latency leaves one under its --out); each is measured in the variant the
-target prefers, at its decode_context, with 1 intra-op thread (as bench_latency --threads 1). Results: --out/decode_tail.json and
-decode_tail.md. Run it with nothing else running: it measures for a few minutes.
+target prefers, at its decode_context, with 1 intra-op thread (as bench_latency --threads 1). Results:
+--out/decode_tail.json and decode_tail.md. Run it with nothing else running: it measures for a few minutes.
 """
 
 from __future__ import annotations
@@ -128,11 +128,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["bench/decode_tail.py"] + sys.argv[1:])
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "genomes": len(exports),
-              "passes": args.passes, "target": target.name, "context": target.decode_context, "threads": THREADS, "wall_s": round(time.time() - t0, 1),
-              "settings": table, "samples": samples, "command": command}
+              "passes": args.passes, "target": target.name, "context": target.decode_context, "threads": THREADS,
+              "wall_s": round(time.time() - t0, 1), "settings": table, "samples": samples, "command": command}
     (args.out / "decode_tail.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Decode p95 across passes ({len(exports)} exports, {args.passes} passes, {THREADS} thread, "
-             f"{target.name}, context {target.decode_context})", "", f"Machine: {result['machine']['platform']}, {os.cpu_count()} CPUs. "
+             f"{target.name}, context {target.decode_context})", "",
+             f"Machine: {result['machine']['platform']}, {os.cpu_count()} CPUs. "
              f"Command: `.venv/bin/python {command}`", "",
              "| setting | p95: lowest of odd vs even passes within 10% (median gap) | p95 spread across passes "
              "(median) | p95 / p50 | p50: lowest halves within 10% |", "|---|---|---|---|---|"]
