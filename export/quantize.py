@@ -180,11 +180,16 @@ def convert_float16(src: Path, dst: Path) -> dict:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:
         raise FactoryError(f"float16 conversion needs onnxruntime.transformers.float16 ({e})") from None
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     model = onnx.load(str(src))
     with _quiet():
-        converted = convert_float_to_float16(model, keep_io_types=True)
-    onnx.save(converted, str(dst))
-    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types)"}
+        converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+        # the converter appends the Casts around the ops it keeps in float32 (CumSum, for one) at the end of the
+        # node list, which breaks the topological order ONNX requires
+        converted.topological_sort(is_deterministic=True)
+    onnx.save(converted.model, str(dst))
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types), topologically sorted"}
 
 
 def calibration_windows(train: np.ndarray, count: int, length: int) -> np.ndarray:

@@ -368,6 +368,32 @@ def test_int8_static_and_float16_variants(exported, checkpoint, tmp_path):
     assert np.all(np.isfinite(logits))
 
 
+def test_float16_keeps_a_graph_with_float32_only_ops_topologically_sorted(tmp_path):
+    """The float16 converter keeps some ops in float32 (CumSum, which linear attention and the recurrences export
+    to) and wraps them in Casts: the result must still pass the checker and run."""
+    from onnx import TensorProto, helper
+
+    from export import quantize as q
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["scaled"]),
+         helper.make_node("CumSum", ["scaled", "axis"], ["summed"]),
+         helper.make_node("Add", ["summed", "w"], ["y"])],
+        "cumsum", [x], [y],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4], [0.5, 1.0, 1.5, 2.0]),
+         helper.make_tensor("axis", TensorProto.INT64, [], [1])])
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    q.convert_float16(src, tmp_path / "fp16.onnx")
+    check_model(tmp_path / "fp16.onnx")
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 8, 4)).astype(np.float32)}
+    got = runtime.make_session(tmp_path / "fp16.onnx", threads=1).run(None, feed)[0]
+    want = runtime.make_session(src, threads=1).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
 def test_decode_continues_a_longer_prefill_in_onnxruntime(exported):
     """Prefill p bytes then decode k: each decoded logit row equals the last row of a prefill of p + k + 1 bytes."""
     lm = runtime.ExportedLM(exported, variant="float32")
