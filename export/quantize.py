@@ -13,7 +13,8 @@ for a `datasets.Dataset`; if optimum's path fails, `onnxruntime.quantization.qua
 `CalibrationDataReader` is used instead and the manifest says so.
 
 float16 uses `onnxruntime.transformers.float16.convert_float_to_float16` with float32 inputs and outputs
-(keep_io_types), for GPU targets; onnxruntime's CPU provider lacks float16 kernels for some ops.
+(keep_io_types), then sorted topologically again, for GPU targets; onnxruntime's CPU provider lacks float16 kernels
+for some ops.
 """
 
 from __future__ import annotations

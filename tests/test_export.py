@@ -61,7 +61,25 @@ def export_and_check(genome: Genome, tmp_path: Path):
     assert report.prefill_max_abs <= TOLERANCE, report.to_dict()
     assert report.decode_max_abs <= TOLERANCE, report.to_dict()
     assert report.passed, report.failure()
+    check_float16_variant(graphs, layout, tmp_path / "float16")
     return model, layout, graphs, report
+
+
+def check_float16_variant(graphs, layout, folder: Path) -> None:
+    """The float16 variant (a GPU target's) of the same graphs passes the checker, its prefill stays close to
+    float32 in onnxruntime, and its decode graph takes its own prefill's state (export.pipeline's check)."""
+    from export import quantize as q
+    from export.pipeline import _check_decode_runs
+
+    folder.mkdir()
+    for path in (graphs.prefill, graphs.decode):
+        q.convert_float16(path, folder / path.name)
+        check_model(folder / path.name)
+    ids = (np.arange(1, 20, dtype=np.int64)[None, :] * 37) % 256
+    want = runtime.make_session(graphs.prefill, threads=1).run(None, {"input_ids": ids})[0]
+    got = runtime.make_session(folder / graphs.prefill.name, threads=1).run(None, {"input_ids": ids})[0]
+    assert np.max(np.abs(got - want)) <= 0.02 * np.max(np.abs(want)) + 1e-3, np.max(np.abs(got - want))
+    _check_decode_runs(folder.parent, folder.name, layout)
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
