@@ -3,8 +3,8 @@
 1. latency-model accuracy: N random genomes of the search space (random weights: latency does not depend on
    them) are exported and measured with onnxruntime under the target's protocol, in --passes passes (decode: the
    lowest pass; prefill: the median of the drift-corrected passes, bench/measure_passes.py); the per-target
-   latency model is cross-validated on them (k-fold: every genome predicted by a model fitted without it). Goal: >= 95% of
-   predictions within +-10% (nn-Meter reports 99% on a phone CPU, for CNNs).
+   latency model is cross-validated on them (k-fold: every genome predicted by a model fitted without it).
+   Goal: >= 95% of predictions within +-10% (nn-Meter reports 99% on a phone CPU, for CNNs).
 2. repeatability: two exports profiled 3 times each; spread of decode p50/p95 and prefill p50 (max/min - 1).
 3. constraint satisfaction: with --run DIR (a `factory run` folder), the share of its re-measured models that meet
    the target's budgets.
@@ -102,8 +102,9 @@ def masks_per_layer(genome, prefill_features: dict, prompt_length: int) -> dict:
 
 QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill", "prefill_min": "prefill"}
 # A genome's measured value of each quantity over its passes: the aggregate whose odd and even halves agreed most
-# often in four sessions' runs (bench/pass_noise.py). A decode step only ever gets slower: the lowest pass. Prefill
-# also drifts with the machine's speed for minutes: the median of the drift-corrected passes.
+# often in five sessions' runs (bench/pass_noise.py; bench/README.md, "Drift-corrected prefill"). A decode step
+# only ever gets slower: the lowest pass. Prefill also drifts with the machine's speed for minutes: the median of
+# the drift-corrected passes.
 AGGREGATES = {"decode_p50": "lowest", "decode_p95": "lowest",
               "prefill_p50": "drift-corrected median", "prefill_min": "drift-corrected median"}
 

@@ -62,7 +62,8 @@ def measure_in_passes(exports: dict[str, Path], entries: dict[str, dict], passes
     """Fill entries[key][f"pass{p}"] = measure(exports[key]) for p in 1..passes, skipping what is already there
     (a rerun resumes) and entries marked "failed". A measurement that raises FactoryError marks its entry failed
     instead of stopping the run; save() runs after every measurement; describe(result) is the progress line. Each
-    result also records when it was taken ("measured_at", seconds since the epoch): the drift correction orders by it."""
+    result also records when it was taken ("measured_at", seconds since the epoch), which drift_corrected orders
+    by."""
     from factory.errors import FactoryError
 
     for pass_ in range(1, passes + 1):
