@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from measure_passes import (distinct_samples, drift_corrected, export_all,  # bench/measure_passes.py: the measuring
-                            measure_in_passes)                              # protocol of the benchmarks
+                            measure_in_passes, odd_even_gaps)               # protocol of the benchmarks
 
 
 LEARNING_SIZES = (8, 16, 32, 64, 128, 192, 256, 320)  # genomes the learning curve fits on (if 10 are left to judge)
@@ -225,22 +225,20 @@ def main() -> int:
     # How far one measurement moves (the spread, max/min - 1, of each genome's passes), and how far the measured
     # value moves: the aggregate of the odd passes against that of the even ones, each half spread over the whole
     # run (the noise ceiling of a model judged against the aggregate), and the same for the lowest value.
+    def ceiling(prefix: str, gaps: np.ndarray) -> dict:
+        return {f"{prefix}within_10pct": float(np.mean(gaps <= 0.10)),
+                f"{prefix}within_5pct": float(np.mean(gaps <= 0.05)), f"{prefix}median_gap": float(np.median(gaps))}
+
     noise = {}
     for q in QUANTITIES:
-        gaps = np.array([max(p[q] for p in s["passes"]) / min(p[q] for p in s["passes"]) - 1.0 for s in samples])
+        raw = np.array([[p[q] for p in s["passes"]] for s in samples])
+        gaps = raw.max(axis=1) / raw.min(axis=1) - 1.0
         noise[q] = {"passes_within_10pct": float(np.mean(gaps <= 0.10)), "median_gap": float(np.median(gaps)),
                     "max_gap": float(gaps.max())}
         if args.passes >= 2:
-            halves = np.array([min(p[q] for p in s["passes"][0::2]) / min(p[q] for p in s["passes"][1::2]) - 1.0
-                               for s in samples])
-            noise[q].update({"lowest_halves_within_10pct": float(np.mean(np.abs(halves) <= 0.10)),
-                             "lowest_halves_within_5pct": float(np.mean(np.abs(halves) <= 0.05)),
-                             "lowest_halves_median_gap": float(np.median(np.abs(halves)))})
-            values = [np.asarray(per_pass[q][s["hash"]]) for s in samples]
-            halves = np.array([aggregate[q](v[0::2]) / aggregate[q](v[1::2]) - 1.0 for v in values])
-            noise[q].update({"aggregate": AGGREGATES[q], "halves_within_10pct": float(np.mean(np.abs(halves) <= 0.10)),
-                             "halves_within_5pct": float(np.mean(np.abs(halves) <= 0.05)),
-                             "halves_median_gap": float(np.median(np.abs(halves)))})
+            values = np.array([per_pass[q][s["hash"]] for s in samples])
+            noise[q].update({**ceiling("lowest_halves_", odd_even_gaps(raw, np.min)), "aggregate": AGGREGATES[q],
+                             **ceiling("halves_", odd_even_gaps(values, aggregate[q]))})
 
     def steady_key(metric: str) -> str:  # what the factory fits a metric's model on (factory.search.latency.STATISTICS)
         return f"{metric}_{STATISTICS[metric][0]}"

@@ -135,3 +135,8 @@ def drift_corrected(entries: dict[str, dict], passes: int, quantity: str, neighb
         out[key][p - 1] = float(v)
     return out
 
+
+def odd_even_gaps(values: np.ndarray, aggregate=np.min) -> np.ndarray:
+    """|aggregate of the odd passes / aggregate of the even passes - 1| for each row of values (one export's
+    passes): how far that aggregate moves within a run, the noise ceiling of a model judged against it."""
+    return np.abs(aggregate(values[:, 0::2], axis=1) / aggregate(values[:, 1::2], axis=1) - 1.0)

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from measure_passes import DRIFT_NEIGHBOURS, drift_corrected  # bench/measure_passes.py
-
-QUANTITIES = ("decode_p50", "decode_p95", "prefill_p50", "prefill_min")
+from bench_latency import QUANTITIES  # what bench_latency measures per pass
+from measure_passes import DRIFT_NEIGHBOURS, drift_corrected, odd_even_gaps  # bench/measure_passes.py
 
 
 def halves_agree(values: np.ndarray, aggregate) -> tuple[float, float]:
     """Shares of rows (genomes) whose odd-pass and even-pass aggregates agree within 10% and within 5%."""
-    gap = np.abs(aggregate(values[:, 0::2], axis=1) / aggregate(values[:, 1::2], axis=1) - 1.0)
+    gap = odd_even_gaps(values, aggregate)
     return float(np.mean(gap <= 0.10)), float(np.mean(gap <= 0.05))
 
 
