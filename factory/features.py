@@ -4,7 +4,7 @@ The model is kernel-level, as in nn-Meter: a genome's latency is the sum of what
 embedding and head, and a layer's cost depends on its operator family. So every per-layer quantity below is summed
 per family, and the linear model learns one price per family and quantity:
 
-    layers_<f>  layers of family f (a differential layer counts twice): fixed cost per layer
+    layers_<f>  layers of family f: fixed cost per layer
     kops_<f>    thousands of tensor operations those layers dispatch in one prefill of `prompt_length` tokens (or
                 one decode step), counted by running the compiled model once with random weights. On small models
                 onnxruntime's time is mostly per-node overhead, and the exported graph has about one node per
@@ -174,7 +174,7 @@ def layer_family(genome: Genome, i: int) -> str:
 def layer_counts(genome: Genome) -> dict[str, float]:
     counts = {f"layers_{f}": 0.0 for f in FAMILIES}
     for i in range(genome.n_layers):
-        counts[f"layers_{layer_family(genome, i)}"] += 2.0 if genome.layer_spec(i).differential else 1.0
+        counts[f"layers_{layer_family(genome, i)}"] += 1.0
     return counts
 
 

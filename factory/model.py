@@ -8,7 +8,8 @@ Three entry points:
 - `step(ids, positions, state) -> (logits, state)`: one token per sequence with the state as a flat dict of plain
   tensors keyed `<layer>.<kind>` (what ONNX export turns into `past.<layer>.<kind>` / `present.<layer>.<kind>`).
 
-Weight tying between layers (featurizer sharing) keeps one module per tie set; feature sharing passes a layer's
+Whole-operator tying keeps one module per tie set; featurizer sharing points a set's later members at the first
+member's featurizer submodules (e.g. W_q, W_k); feature sharing passes a layer's
 published features (e.g. keys/values) to the later layers that reuse them. With Perceiver-AR latents, layer 0 is
 a latent cross-attention and the other layers run on the latents only (see ops/perceiver.py).
 """
@@ -52,11 +53,18 @@ class LIVModel(nn.Module):
                 if self.latents and i == 0:
                     op = LatentCrossAttention(d, spec, self.latents)
                 else:
-                    op = registry.build_operator(d, spec, reuse_features=self.feature_source[i] is not None)
+                    op = registry.build_operator(d, spec, reuse_features=self.feature_source[i] is not None, layer=i)
                 module_of_owner[owner[i]] = len(self.ops)
                 self.ops.append(op)
             self.op_of_layer.append(module_of_owner[owner[i]])
         self.apply(_init_weights)
+        # Featurizer sharing: a later member of a set uses the first member's featurizer submodules (one set of
+        # weights, registered under both layers; checkpoints store it once, see train.save_checkpoint).
+        for i, first in enumerate(genome.featurizer_owner()):
+            if first != i:
+                mine, theirs = registry.featurizer_module(self.op(i)), registry.featurizer_module(self.op(first))
+                for name in type(mine).featurizer:
+                    setattr(mine, name, getattr(theirs, name))
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def op(self, i: int) -> nn.Module:

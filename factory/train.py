@@ -227,6 +227,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def unique_state(model: LIVModel) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (a featurizer used by several layers) once, under its first name."""
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if key not in seen:
+            seen.add(key)
+            tensors[k] = v.detach().contiguous()
+    return tensors
+
+
 def save_checkpoint(out: str | Path, model: LIVModel, result: TrainResult, cfg: TrainConfig, corpus: Corpus) -> Path:
     out = Path(out)
     try:
@@ -234,7 +245,7 @@ def save_checkpoint(out: str | Path, model: LIVModel, result: TrainResult, cfg: 
     except OSError as e:
         raise FactoryError(f"cannot create output directory {out}: {e.strerror}") from None
     genome = model.genome
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = unique_state(model)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.")
     os.close(fd)
     save_file(tensors, tmp, metadata={"genome_hash": genome.hash(), "format": "factory-checkpoint-1"})
@@ -270,7 +281,11 @@ def load_checkpoint(path: str | Path) -> tuple[LIVModel, dict]:
     model = LIVModel(genome)
     try:
         tensors = load_file(path / "model.safetensors")
-        model.load_state_dict(tensors, strict=True)
+        expected = set(unique_state(model))
+        if set(tensors) != expected:
+            missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
+            raise ValueError(f"tensors do not match the genome (first mismatch: {missing[0]})")
+        model.load_state_dict(tensors, strict=False)  # shared featurizers are stored once; the aliases follow
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise FactoryError(f"corrupt checkpoint {path / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
     metrics = {}

@@ -136,8 +136,8 @@ class GenomeCodec:
 def repair(genome: Genome) -> Genome:
     """Deterministically turn a structurally complete genome into a valid, canonical one.
 
-    Operator specs are repaired by their family (nearest accepted values, cross-field rules); feature reuse is
-    dropped where a family has no features; tie sets that mix feature producers and consumers are untied;
+    Operator specs are repaired by their family (nearest accepted values, cross-field rules); feature reuse and
+    featurizer sharing are dropped where a family has none; sharing sets that mix feature producers and consumers are untied;
     Perceiver-AR is switched off when its layer 0 cannot be a dense attention cross-attention.
     """
     classes = tuple(registry.repair_spec(c, genome.d_model, genome.context) for c in genome.classes)
@@ -146,6 +146,8 @@ def repair(genome: Genome) -> Genome:
         op_class = g.op_class % len(classes)
         if g.features == "reuse" and not registry.feature_kinds(classes[op_class]):
             g = replace(g, features="none")
+        if g.share == "featurizer" and not registry.featurizer(classes[op_class]):
+            g = replace(g, share="none")
         layers.append(replace(g, op_class=op_class))
     genome = replace(genome, classes=classes, layers=tuple(layers))
     if genome.latents:
@@ -165,12 +167,13 @@ def repair(genome: Genome) -> Genome:
         else:
             genome = replace(genome, latents=0)
     genome = genome.canonical()
-    # Untie members of tie sets whose feature roles disagree (one module cannot both have and lack K/V).
+    # Untie members of sharing sets whose feature roles disagree (one module cannot both have and lack K/V).
     while genome._sharing_errors():
-        owner, source = genome.weight_owner(), genome.feature_source()
+        source = genome.feature_source()
         layers = list(genome.layers)
-        for i in range(genome.n_layers):
-            if owner[i] != i and (source[i] is None) != (source[owner[i]] is None):
-                layers[i] = replace(layers[i], share="none")
+        for owner in (genome.weight_owner(), genome.featurizer_owner()):
+            for i in range(genome.n_layers):
+                if owner[i] != i and (source[i] is None) != (source[owner[i]] is None):
+                    layers[i] = replace(layers[i], share="none")
         genome = replace(genome, layers=tuple(layers)).canonical()
     return genome.validate()

@@ -31,7 +31,7 @@ def param_count(genome: Genome) -> int:
     if not genome.tie_embeddings:
         total += v * d
     total += (genome.n_layers + 1) * norm_params(genome.norm, d)
-    owner, source = genome.weight_owner(), genome.feature_source()
+    owner, source, featurizer = genome.weight_owner(), genome.feature_source(), genome.featurizer_owner()
     for i in range(genome.n_layers):
         if owner[i] != i:
             continue  # tied: counted with its owner
@@ -40,6 +40,8 @@ def param_count(genome: Genome) -> int:
             total += LatentCrossAttention.param_count(d, spec)
         else:
             total += registry.param_count(d, spec, reuse_features=source[i] is not None)
+            if featurizer[i] != i:  # its featurizer is counted with the set's first member
+                total -= registry.featurizer_params(d, spec, reuse_features=source[i] is not None)
     return total
 
 

@@ -3,14 +3,17 @@
 Three levels:
 - global settings: width, vocabulary, context, norm, Perceiver-AR latent window, embedding tying;
 - the operator genome: one `OpSpec` per LIV class (family and its settings);
-- the backbone genome: per layer, five genes: the LIV class, the featurizer-sharing group and strategy (weight
-  tying between layers of the same class) and the feature-group-sharing group and strategy (a later layer reuses
-  an earlier layer's features, e.g. keys and values, and keeps no cache of its own).
+- the backbone genome: per layer, five genes: the LIV class, the weight-sharing group and strategy (STAR's
+  featurizer sharing, or tying the whole operator) and the feature-group-sharing group and strategy (a later layer
+  reuses an earlier layer's features, e.g. keys and values, and keeps no cache of its own).
 
 Every layer is a pre-norm residual block `x + op(norm(x))`. Depth is the number of layers.
-Sharing semantics (one rule for both kinds):
-- featurizer sharing: layers of the same class whose strategy is `tied` and whose tie group is equal share one
-  operator module (its weights), each applied to its own input;
+Sharing semantics (one rule for every kind): layers of the same class with the same strategy and group form a set.
+- featurizer sharing (`share = "featurizer"`): the set's layers share the featurizer, the projections that compute
+  the input-dependent part of the token mixing (attention's W_q and W_k, a recurrence's gates; the family's
+  `featurizer`), and keep their own values and output projections;
+- whole-operator tying (`share = "tied"`): the set's layers share one operator module (all its weights), each
+  applied to its own input;
 - feature sharing: layers of the same feature-capable class whose strategy is `reuse` and whose feature group is
   equal form a set; the first of the set computes its features, the later ones reuse them.
 """
@@ -24,8 +27,16 @@ from dataclasses import dataclass, field, fields, replace
 from factory.ops import registry
 from factory.ops.base import OpSpec
 
-SCHEMA_VERSION = 1
-SHARE_STRATEGIES = ("none", "tied")
+SCHEMA_VERSION = 2
+# What each older schema version meant that version 2 computes differently: an old genome is refused, not
+# silently rebuilt as another architecture.
+SCHEMA_CHANGES = {
+    1: "version 2 redefines differential operators (Differential Transformer attention, differential linear "
+       "attention; other families have none), the linear-attention decay kinds, the weight-sharing strategies "
+       "(featurizer sharing added beside whole-operator tying) and Hyena's filter length",
+}
+# Appended values keep earlier integer encodings: "featurizer" was added after "tied".
+SHARE_STRATEGIES = ("none", "tied", "featurizer")
 FEATURE_STRATEGIES = ("none", "reuse")
 NORMS = ("rmsnorm", "layernorm")
 
@@ -61,9 +72,16 @@ class Genome:
     # -- sharing plan ------------------------------------------------------------------------------------------
     def weight_owner(self) -> list[int]:
         """For each layer, the index of the layer whose operator module (weights) it uses (itself if untied)."""
+        return self._set_owner("tied")
+
+    def featurizer_owner(self) -> list[int]:
+        """For each layer, the index of the layer whose featurizer it uses (itself if it shares none)."""
+        return self._set_owner("featurizer")
+
+    def _set_owner(self, strategy: str) -> list[int]:
         owner, first = [], {}
         for i, g in enumerate(self.layers):
-            if g.share == "tied":
+            if g.share == strategy:
                 owner.append(first.setdefault((g.op_class, g.tie_group), i))
             else:
                 owner.append(i)
@@ -97,7 +115,7 @@ class Genome:
             if specs[g.op_class] not in order:
                 order.append(specs[g.op_class])
         layers = [replace(g, op_class=order.index(specs[g.op_class])) for g in self.layers]
-        layers = _canonical_sets(layers, "share", "tied", "tie_group")
+        layers = _canonical_share_sets(layers)
         layers = _canonical_sets(layers, "features", "reuse", "feature_group")
         return replace(self, classes=tuple(order), layers=tuple(layers))
 
@@ -136,6 +154,11 @@ class Genome:
         if not isinstance(data, dict):
             raise GenomeError("genome: expected a JSON object")
         version = data.get("schema_version")
+        if version in SCHEMA_CHANGES:
+            raise GenomeError(
+                f"schema_version: {version} is no longer read, {SCHEMA_CHANGES[version]}; "
+                f"re-create the genome (or re-run the search) with this version"
+            )
         if version != SCHEMA_VERSION:
             raise GenomeError(f"schema_version: expected {SCHEMA_VERSION}, got {version!r}")
         allowed_top = {"schema_version", "name", "global", "classes", "layers"}
@@ -215,6 +238,9 @@ class Genome:
             if g.features == "reuse" and self.classes[g.op_class].family in registry.families():
                 if not registry.feature_kinds(self.classes[g.op_class]):
                     errs.append(f"{where}.features: family {self.classes[g.op_class].family} has no features to share")
+            if g.share == "featurizer" and self.classes[g.op_class].family in registry.families():
+                if not registry.featurizer(self.classes[g.op_class]):
+                    errs.append(f"{where}.share: family {self.classes[g.op_class].family} has no featurizer to share")
         if errs:
             return errs
         errs += self._sharing_errors()
@@ -233,13 +259,15 @@ class Genome:
 
     def _sharing_errors(self) -> list[str]:
         errs = []
-        owner, source = self.weight_owner(), self.feature_source()
-        for i in range(self.n_layers):
-            # A module is built either with or without its own feature projections; a tie set must agree.
-            if owner[i] != i and (source[i] is None) != (source[owner[i]] is None):
-                errs.append(
-                    f"layers[{i}].share: tied to layer {owner[i]} but one of them reuses features and the other does not"
-                )
+        source = self.feature_source()
+        for owner in (self.weight_owner(), self.featurizer_owner()):
+            for i in range(self.n_layers):
+                # A module is built either with or without its own feature projections; a sharing set must agree.
+                if owner[i] != i and (source[i] is None) != (source[owner[i]] is None):
+                    errs.append(
+                        f"layers[{i}].share: shares weights with layer {owner[i]} but one of them reuses features "
+                        "and the other does not"
+                    )
         return errs
 
     def validate(self) -> "Genome":
@@ -265,6 +293,13 @@ def _field(data: dict, key: str, kind: type):
     return data[key]
 
 
+def _canonical_share_sets(layers: list[LayerGene]) -> list[LayerGene]:
+    """Weight-sharing sets are keyed by strategy too: a tied set and a featurizer set may carry the same label."""
+    for strategy in SHARE_STRATEGIES[1:]:
+        layers = _canonical_sets(layers, "share", strategy, "tie_group")
+    return layers
+
+
 def _canonical_sets(layers: list[LayerGene], strategy: str, active: str, group: str) -> list[LayerGene]:
     """Drop sharing from sets with one member and renumber group labels in order of first appearance."""
     members: dict[tuple[int, int], list[int]] = {}
@@ -281,6 +316,8 @@ def _canonical_sets(layers: list[LayerGene], strategy: str, active: str, group: 
                 labels[key] = per_class.get(g.op_class, 0)
                 per_class[g.op_class] = labels[key] + 1
             out.append(replace(g, **{group: labels[key]}))
-        else:
+        elif getattr(g, strategy) in (active, "none"):  # a set of one shares nothing
             out.append(replace(g, **{strategy: "none", group: 0}))
+        else:  # another strategy's set, numbered by its own pass
+            out.append(g)
     return out

@@ -56,8 +56,8 @@ class Attention(LIVOperator):
     defaults = {"heads": 4, "kv_repeat": 1, "positional": "rope", "window": 0, "channel_mixing": "dense"}
     feature_kinds = ("key", "value")
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         self.heads = spec.heads
         self.rep = spec.kv_repeat
         self.kv_heads = spec.heads // spec.kv_repeat

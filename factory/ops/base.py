@@ -14,6 +14,16 @@ Feature sharing across layers (STAR's feature-group sharing, e.g. one layer's ke
 layer, which then keeps no cache of its own) goes through two optional dicts: a producer fills `publish` with its
 features, a consumer built with `reuse_features=True` reads them from `reuse`. Families that cannot share features
 leave `feature_kinds` empty and the genome's repair never asks them to.
+
+Featurizer sharing (STAR's featurizer sharing: layers share the projections that compute the input-dependent part
+of their token-mixing matrix, e.g. attention's W_q and W_k, each layer keeping its own values and output): a
+family names those submodules in `featurizer` and counts their parameters in `featurizer_params`. The model builds
+every member of a featurizer set with its own operator and then points the later members' featurizer submodules at
+the first member's. Families with an empty `featurizer` cannot share one and the genome's repair never asks them to.
+
+Differential forms are each family's own (`differential` in `choices`), not a generic wrapper: attention is the
+Differential Transformer's, linear attention two feature maps over one shared value. `layer` (the 0-based depth of
+the layer the operator is built for) is there for depth-dependent initialisation such as its lambda_init.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ class OpSpec:
     kernel: int = 4  # short conv kernel, SSM conv kernel
     expansion: int = 2  # GLU hidden multiple, SSM inner expansion
     channel_mixing: str = "dense"  # output projection: dense | grouped | diagonal
-    differential: bool = False  # difference of two copies of the operator
+    differential: bool = False  # the family's own differential form (only families that define one accept it)
     shortcut: bool = False  # PanGu-pi augmented shortcut beside the operator
 
     def canonical(self) -> "OpSpec":
@@ -96,12 +106,15 @@ class LIVOperator(nn.Module):
     feature_kinds: ClassVar[tuple[str, ...]] = ()
     # token mixers carry information across positions; channel mixers (GLU) do not.
     mixes_tokens: ClassVar[bool] = True
+    # attribute names of the submodules that form the featurizer (shared by featurizer sharing); () = cannot share.
+    featurizer: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
         super().__init__()
         self.d_model = d_model
         self.spec = spec
         self.reuse_features = reuse_features
+        self.layer = layer
 
     # -- parallel form ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, publish: dict | None = None, reuse: dict | None = None) -> torch.Tensor:
@@ -139,6 +152,11 @@ class LIVOperator(nn.Module):
     @classmethod
     def flops(cls, d_model: int, spec: OpSpec, context: int, reuse_features: bool = False) -> Flops:
         raise NotImplementedError
+
+    @classmethod
+    def featurizer_params(cls, d_model: int, spec: OpSpec, reuse_features: bool = False) -> int:
+        """Parameters of the `featurizer` submodules (what a later member of a featurizer set does not own)."""
+        return 0
 
     @classmethod
     def constraint_errors(cls, d_model: int, spec: OpSpec, context: int) -> list[str]:

@@ -35,8 +35,8 @@ class GLU(LIVOperator):
     def mix_width(cls, d_model: int, spec: OpSpec) -> int:
         return cls.hidden(d_model, spec)
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         h = self.hidden(d_model, spec)
         self.gate_up = nn.Linear(d_model, 2 * h, bias=False)  # one matmul for both branches
         self.act = make_activation(spec.nonlinearity, h)

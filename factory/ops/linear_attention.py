@@ -183,8 +183,8 @@ class LinearAttention(LIVOperator):
     # the logits of a six-layer stack; 1e-5, as Mamba-2's gated norm, bounds that gain.
     EPS = 1e-5
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         self.h, self.dk = spec.heads, spec.state_size
         self.dv = d_model // spec.heads
         self.decay = spec.decay

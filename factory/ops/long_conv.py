@@ -74,8 +74,8 @@ class LongConv(LIVOperator):
     }
     defaults = {"window": 64, "nonlinearity": "identity", "channel_mixing": "dense"}
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         self.w = spec.window
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.filter_mlp = nn.ModuleList(

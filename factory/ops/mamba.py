@@ -73,8 +73,8 @@ class Mamba(LIVOperator):
     def conv_channels(cls, d_model: int, spec: OpSpec) -> int:
         return cls.inner(d_model, spec) + 2 * spec.state_size
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         self.e, self.n, self.h, self.k = self.inner(d_model, spec), spec.state_size, spec.heads, spec.kernel
         self.p = self.e // self.h
         conv_dim = self.conv_channels(d_model, spec)

@@ -1,8 +1,8 @@
 """The operator registry: family name -> class, its accepted settings and defaults (mad-lab style).
 
-Nothing outside `factory.ops` knows an operator's internals; it asks this module. Two generic wrappers apply to
-every token-mixing family: `Differential` (difference of two copies, the differential variants) and
-`AugmentedShortcut` (PanGu-pi's parallel bottleneck beside the operator).
+Nothing outside `factory.ops` knows an operator's internals; it asks this module. One generic wrapper applies to
+every token-mixing family: `AugmentedShortcut` (PanGu-pi's parallel bottleneck beside the operator). Differential
+forms are not a wrapper: a family that defines one lists `differential` in its `choices` (see `base.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _FAMILY_MODULES = (
 _loaded = False
 
 _DEFAULT_SPEC = OpSpec()
-_WRAPPER_FIELDS = ("differential", "shortcut")
+_WRAPPER_FIELDS = ("shortcut",)
 
 
 def register(cls: type[LIVOperator]) -> type[LIVOperator]:
@@ -132,44 +132,48 @@ def repair_spec(spec: OpSpec, d_model: int, context: int) -> OpSpec:
 
 # -- building and costs ------------------------------------------------------------------------------------------
 def _base(spec: OpSpec) -> OpSpec:
-    return spec.with_(differential=False, shortcut=False)
+    return spec.with_(shortcut=False)
 
 
-def build_operator(d_model: int, spec: OpSpec, reuse_features: bool = False) -> nn.Module:
+def build_operator(d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0) -> nn.Module:
+    """The operator of one layer; `layer` is its 0-based depth (for depth-dependent initialisation)."""
     cls = family(spec.family)
-    op: nn.Module = cls(d_model, _base(spec), reuse_features=reuse_features)
-    if spec.differential:
-        op = Differential(op, cls(d_model, _base(spec), reuse_features=reuse_features))
+    op: nn.Module = cls(d_model, _base(spec), reuse_features=reuse_features, layer=layer)
     if spec.shortcut:
         op = AugmentedShortcut(op, d_model)
     return op
 
 
+def featurizer_module(op: nn.Module) -> LIVOperator:
+    """The family operator inside a built layer (under its shortcut wrapper, if any)."""
+    return op.op if isinstance(op, AugmentedShortcut) else op
+
+
 def param_count(d_model: int, spec: OpSpec, reuse_features: bool = False) -> int:
     cls = family(spec.family)
     n = cls.param_count(d_model, _base(spec), reuse_features)
-    if spec.differential:
-        n = 2 * n + 1
     if spec.shortcut:
         n += AugmentedShortcut.param_count(d_model)
     return n
 
 
+def featurizer_params(d_model: int, spec: OpSpec, reuse_features: bool = False) -> int:
+    return family(spec.family).featurizer_params(d_model, _base(spec), reuse_features)
+
+
+def featurizer(spec: OpSpec) -> tuple[str, ...]:
+    return family(spec.family).featurizer
+
+
 def state_shapes(
     d_model: int, spec: OpSpec, batch: int, context: int, reuse_features: bool = False
 ) -> dict[str, tuple[int, ...]]:
-    cls = family(spec.family)
-    shapes = cls.state_shapes(d_model, _base(spec), batch, context, reuse_features)
-    if spec.differential:
-        shapes = {**shapes, **{Differential.NEG + k: v for k, v in shapes.items()}}
-    return shapes
+    return family(spec.family).state_shapes(d_model, _base(spec), batch, context, reuse_features)
 
 
 def flops(d_model: int, spec: OpSpec, context: int, reuse_features: bool = False) -> Flops:
     cls = family(spec.family)
     f = cls.flops(d_model, _base(spec), context, reuse_features)
-    if spec.differential:
-        f = f.scale(2.0)
     if spec.shortcut:
         per = 2.0 * AugmentedShortcut.param_count(d_model)
         f = f + Flops(per, per)
@@ -177,20 +181,17 @@ def flops(d_model: int, spec: OpSpec, context: int, reuse_features: bool = False
 
 
 def activation_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
-    n = family(spec.family).activation_elements(d_model, _base(spec), tokens)
-    return 2 * n if spec.differential else n
+    return family(spec.family).activation_elements(d_model, _base(spec), tokens)
 
 
 def traffic_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
     cls, base = family(spec.family), _base(spec)
-    n = cls.traffic_elements(d_model, base, tokens) + channel_mix_traffic(
+    return cls.traffic_elements(d_model, base, tokens) + channel_mix_traffic(
         base.channel_mixing, cls.mix_width(d_model, base), d_model, tokens)
-    return 2 * n if spec.differential else n
 
 
 def shared_elements(d_model: int, spec: OpSpec, tokens: int) -> dict[tuple, int]:
-    """A layer's intermediates computed once per graph (LIVOperator.shared_elements); a differential layer's two
-    copies share them."""
+    """A layer's intermediates computed once per graph (LIVOperator.shared_elements)."""
     return family(spec.family).shared_elements(d_model, _base(spec), tokens)
 
 
@@ -198,53 +199,7 @@ def feature_kinds(spec: OpSpec) -> tuple[str, ...]:
     return family(spec.family).feature_kinds
 
 
-# -- generic wrappers --------------------------------------------------------------------------------------------
-def _sub(d: dict | None, key: str) -> dict | None:
-    if d is None:
-        return None
-    return d.setdefault(key, {})
-
-
-class Differential(nn.Module):
-    """Differential variant: y = A(x) - lambda * B(x) with two copies of one operator and a learned lambda.
-
-    Noise common to both copies cancels (Differential Transformer). The second copy's state kinds are prefixed
-    with `neg_`.
-    """
-
-    NEG = "neg_"
-
-    def __init__(self, pos: nn.Module, neg: nn.Module):
-        super().__init__()
-        self.pos, self.neg = pos, neg
-        self.lam = nn.Parameter(torch.tensor(0.5))
-
-    def _split(self, state: State) -> tuple[State, State]:
-        n = len(self.NEG)
-        pos = {k: v for k, v in state.items() if not k.startswith(self.NEG)}
-        neg = {k[n:]: v for k, v in state.items() if k.startswith(self.NEG)}
-        return pos, neg
-
-    def _join(self, pos: State, neg: State) -> State:
-        return {**pos, **{self.NEG + k: v for k, v in neg.items()}}
-
-    def forward(self, x, publish=None, reuse=None):
-        a = self.pos(x, publish=_sub(publish, "pos"), reuse=_sub(reuse, "pos"))
-        b = self.neg(x, publish=_sub(publish, "neg"), reuse=_sub(reuse, "neg"))
-        return a - self.lam * b
-
-    def prefill(self, x, publish=None, reuse=None):
-        a, sa = self.pos.prefill(x, publish=_sub(publish, "pos"), reuse=_sub(reuse, "pos"))
-        b, sb = self.neg.prefill(x, publish=_sub(publish, "neg"), reuse=_sub(reuse, "neg"))
-        return a - self.lam * b, self._join(sa, sb)
-
-    def step(self, x, position, state, publish=None, reuse=None):
-        pos_state, neg_state = self._split(state)
-        a, sa = self.pos.step(x, position, pos_state, publish=_sub(publish, "pos"), reuse=_sub(reuse, "pos"))
-        b, sb = self.neg.step(x, position, neg_state, publish=_sub(publish, "neg"), reuse=_sub(reuse, "neg"))
-        return a - self.lam * b, self._join(sa, sb)
-
-
+# -- generic wrapper ---------------------------------------------------------------------------------------------
 class AugmentedShortcut(nn.Module):
     """PanGu-pi augmented shortcut: y = op(x) + up(gelu(down(x))), a bottleneck of width max(8, d/32).
 
@@ -283,7 +238,7 @@ class AugmentedShortcut(nn.Module):
 
 
 def spec_variants(name: str, d_model: int = 64, context: int = 64) -> list[OpSpec]:
-    """The family default, then each accepted value of each field changed alone, then the two wrappers.
+    """The family default, then each accepted value of each field changed alone, then the shortcut wrapper.
 
     Repaired and deduplicated: what the test sweep and export sweep run for every registered family.
     """
@@ -294,7 +249,7 @@ def spec_variants(name: str, d_model: int = 64, context: int = 64) -> list[OpSpe
         for value in allowed:
             out.append(base.with_(**{field_name: value}))
     if cls.mixes_tokens:
-        out += [base.with_(differential=True), base.with_(shortcut=True)]
+        out += [base.with_(shortcut=True)]
     seen, unique = set(), []
     for spec in out:
         spec = repair_spec(spec, d_model, context)

@@ -140,8 +140,8 @@ class RWKV(LIVOperator):
     }
     defaults = {"heads": 4, "channel_mixing": "dense"}
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         d, h = d_model, spec.heads
         self.heads, self.head_dim = h, d // h
         rm, rw = ranks(d)

@@ -39,8 +39,8 @@ class ShortConv(LIVOperator):
     }
     defaults = {"kernel": 3, "nonlinearity": "identity", "channel_mixing": "dense"}
 
-    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False):
-        super().__init__(d_model, spec, reuse_features)
+    def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
+        super().__init__(d_model, spec, reuse_features, layer)
         self.k = spec.kernel
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.filter = nn.Parameter(torch.randn(d_model, self.k) / math.sqrt(self.k))
