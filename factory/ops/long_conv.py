@@ -56,6 +56,7 @@ from factory.ops.common import (
     make_activation,
 )
 from factory.ops.registry import register
+from factory.ops.short_conv import window_dot
 
 FILTER_EMB = 9  # positional features: t, then cos and sin of FILTER_BANDS frequencies (safari's emb_dim, odd)
 FILTER_BANDS = (FILTER_EMB - 1) // 2
@@ -95,12 +96,6 @@ class ShortFilter(nn.Module):
 
     def step(self, window):  # window: [B, k, C], the last k inputs -> [B, 1, C]
         return window_dot(window, self.weight) + self.bias
-
-
-def window_dot(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_j window[:, j, c] * weight[c, j] as a batched MatMul ([B, C, 1, k] @ [C, k, 1]) -> [B, 1, C]."""
-    y = window.transpose(1, 2).unsqueeze(-2) @ weight.unsqueeze(-1)  # [B, C, 1, 1]
-    return y.squeeze(-1).transpose(1, 2)
 
 
 def positional_features(length: int) -> torch.Tensor:

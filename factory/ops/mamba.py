@@ -3,8 +3,8 @@
 T_ij = C_i A_{i-1}...A_{j+1} B_j (semi-separable). Inner width E = expansion * d, H heads of P = E/H channels,
 state size N, one B/C group shared by all heads (Mamba-2's ngroups = 1):
 
-    z, xBC, dt = split(W_in x)                     # z: [E] gate; xBC: [E + 2N]; dt: [H]
-    x, B, C = split(silu(conv_k(xBC)))             # causal depthwise conv (kernel k, with bias) on x, B and C
+    z, x = W_zx u;  B, C = W_bc u;  dt = W_dt u     # Mamba-2's in_proj [z, xBC, dt], split by role
+    x, B, C = silu(conv_k([x, B, C]))              # causal depthwise conv (kernel k, with bias) on x, B and C
     dt = softplus(dt + dt_bias);  a = exp(-exp(A_log) * dt)          # per head, per token
     h_t = a_t h_{t-1} + (dt_t x_t) B_t^T           # [P, N] per head
     y_t = h_t C_t + D x_t
@@ -19,16 +19,21 @@ v = dt * x, log a = -exp(A_log) * dt: Mamba-2's ssd_minimal_discrete, loop-free 
 of the chunk length (zero inputs and zero log-decay leave the final state unchanged), so it exports with a dynamic
 sequence length.
 
+Featurizer (STAR featurizer sharing): the projections and short-conv channels producing B and C, and the dt
+projection (`bc_proj`, `bc_conv`, `dt_proj`); x, z, A, dt_bias, D, the norm and the output stay each layer's own.
+The conv runs as one Conv1d over [x, B, C] with the two filters concatenated.
+
+Checked against transformers' Mamba2Mixer (torch_forward, n_groups 1) in tests/test_reference_conv.py.
+
 Decode state: "conv" [B, k-1, E + 2N] (the last k-1 pre-conv inputs, rolled every step) and "ssm" [B, H, P, N];
 E*N + (E + 2N)(k-1) elements.
 
-Costs (matmul FLOPs per token): in_proj 2d(2E + 2N + H), conv 2(E + 2N)k, out mixing; decode adds 4 E N (state
-update and read-out); prefill adds the chunked terms (C.B scores computed once for all heads).
+Costs (matmul FLOPs per token): projections 2d(2E + 2N + H), conv 2(E + 2N)k, out mixing; decode adds 4 E N
+(the state update's outer product and the read-out, both MatMuls); prefill adds the chunked terms (C.B scores computed once for all heads).
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +47,11 @@ from factory.ops.common import (
     channel_mix_flops,
     channel_mix_params,
     conv_state_from_prefill,
-    conv_step,
 )
 from factory.ops.linear_attention import CHUNK, chunked_decay_attention, chunked_flops, inverse_softplus, log_uniform
 from factory.ops.registry import register
+from factory.ops.long_conv import ShortFilter
+from factory.ops.short_conv import conv_step
 
 
 @register
@@ -60,6 +66,7 @@ class Mamba(LIVOperator):
     }
     defaults = {"expansion": 2, "state_size": 16, "kernel": 4, "heads": 4, "channel_mixing": "dense"}
     EPS = 1e-5  # gated RMS norm epsilon
+    featurizer = ("bc_proj", "bc_conv", "dt_proj")
 
     @staticmethod
     def inner(d_model: int, spec: OpSpec) -> int:
@@ -77,21 +84,24 @@ class Mamba(LIVOperator):
         super().__init__(d_model, spec, reuse_features, layer)
         self.e, self.n, self.h, self.k = self.inner(d_model, spec), spec.state_size, spec.heads, spec.kernel
         self.p = self.e // self.h
-        conv_dim = self.conv_channels(d_model, spec)
-        self.in_proj = nn.Linear(d_model, 2 * self.e + 2 * self.n + self.h, bias=False)
-        bound = 1.0 / math.sqrt(self.k)  # nn.Conv1d's default init for a depthwise filter
-        self.conv_weight = nn.Parameter(torch.empty(conv_dim, self.k).uniform_(-bound, bound))
-        self.conv_bias = nn.Parameter(torch.empty(conv_dim).uniform_(-bound, bound))
+        self.zx_proj = nn.Linear(d_model, 2 * self.e, bias=False)  # z, x
+        self.bc_proj = nn.Linear(d_model, 2 * self.n, bias=False)  # B, C
+        self.dt_proj = nn.Linear(d_model, self.h, bias=False)
+        self.x_conv = ShortFilter(self.e, self.k)
+        self.bc_conv = ShortFilter(2 * self.n, self.k)
         self.A_log = nn.Parameter(torch.log(torch.empty(self.h).uniform_(1.0, 16.0)))
         self.dt_bias = nn.Parameter(inverse_softplus(log_uniform(self.h, 1e-3, 1e-1)))
         self.D = nn.Parameter(torch.ones(self.h))
         self.norm_weight = nn.Parameter(torch.ones(self.e))
         self.out = channel_mix(spec.channel_mixing, self.e, d_model)
 
-    def _split_in(self, x: torch.Tensor):
-        proj = self.in_proj(x)
-        e, n = self.e, self.n
-        return proj[..., :e], proj[..., e : 2 * e + 2 * n], proj[..., 2 * e + 2 * n :]  # z, xBC, dt
+    def _split_in(self, u: torch.Tensor):
+        zx = self.zx_proj(u)
+        xbc = torch.cat([zx[..., self.e :], self.bc_proj(u)], dim=-1)
+        return zx[..., : self.e], xbc, self.dt_proj(u)  # z, xBC, dt
+
+    def _conv(self):
+        return (torch.cat([self.x_conv.weight, self.bc_conv.weight]), torch.cat([self.x_conv.bias, self.bc_conv.bias]))
 
     def _ssm_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
         """Post-conv xBC [B, T, E+2N] and raw dt [B, T, H] -> x [B,T,H,P], B and C [B,T,1,N], dt, log a [B,T,H]."""
@@ -112,7 +122,8 @@ class Mamba(LIVOperator):
 
     def prefill(self, u, publish=None, reuse=None) -> tuple[torch.Tensor, State]:
         z, xbc_in, dt_raw = self._split_in(u)
-        xbc = causal_depthwise_conv(xbc_in, self.conv_weight) + self.conv_bias
+        weight, bias = self._conv()
+        xbc = causal_depthwise_conv(xbc_in, weight) + bias
         x, bm, cm, dt, log_a = self._ssm_inputs(xbc, dt_raw)
         y, s = chunked_decay_attention(cm, bm, x * dt.unsqueeze(-1), log_a)  # s: [B, H, N, P]
         state = {"conv": conv_state_from_prefill(xbc_in, self.k), "ssm": s.transpose(-1, -2)}
@@ -120,11 +131,12 @@ class Mamba(LIVOperator):
 
     def step(self, u, position, state, publish=None, reuse=None):
         z, xbc_in, dt_raw = self._split_in(u)
-        xbc, conv = conv_step(xbc_in, state["conv"], self.conv_weight)
-        x, bm, cm, dt, log_a = self._ssm_inputs(xbc + self.conv_bias, dt_raw)
+        weight, bias = self._conv()
+        xbc, conv = conv_step(xbc_in, state["conv"], weight)
+        x, bm, cm, dt, log_a = self._ssm_inputs(xbc + bias, dt_raw)
         x, bm, cm, dt, log_a = x[:, 0], bm[:, 0, 0], cm[:, 0, 0], dt[:, 0], log_a[:, 0]  # drop the time axis
         xdt = x * dt.unsqueeze(-1)  # [B, H, P]
-        ssm = torch.exp(log_a)[..., None, None] * state["ssm"] + xdt.unsqueeze(-1) * bm[:, None, None, :]
+        ssm = torch.exp(log_a)[..., None, None] * state["ssm"] + xdt.unsqueeze(-1) @ bm[:, None, None, :]  # outer product
         y = (ssm @ cm[:, None, :, None]).squeeze(-1)  # [B, H, P]; a MatMul, not an ONNX Einsum (slow on ORT CPU)
         return self._output(y.unsqueeze(1), x.unsqueeze(1), z), {"conv": conv, "ssm": ssm}
 
@@ -136,6 +148,11 @@ class Mamba(LIVOperator):
             "conv": (batch, spec.kernel - 1, cls.conv_channels(d_model, spec)),
             "ssm": (batch, spec.heads, e // spec.heads, spec.state_size),
         }
+
+    @classmethod
+    def featurizer_params(cls, d_model, spec, reuse_features=False):
+        n, h = spec.state_size, spec.heads
+        return d_model * (2 * n + h) + 2 * n * (spec.kernel + 1)
 
     @classmethod
     def param_count(cls, d_model, spec, reuse_features=False):
