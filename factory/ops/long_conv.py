@@ -8,13 +8,17 @@ T = diag(x0) H diag(x1), H the causal Toeplitz matrix of a generated filter h of
     u      = act(x1) * v                              # act = identity in the paper (the genome's nonlinearity)
     y      = W_out( act(x0) * (conv_L(u, h) + D * u) )   # D: the filter's bias/skip term (safari's `bias`)
 
+W_out is the genome's channel mixing, without safari's out_proj bias (the one difference from safari's
+HyenaOperator with order 2, one head, one block; tests/test_reference_conv.py checks against a port of it).
+
 shortconv_3 is Hyena's short filter: a causal depthwise Conv1d of kernel 3 with bias over the projections (safari
 `short_filter`, one Conv1d over all three; here split into the gates' and the value's so the featurizer is exactly
 the gates' weights). The implicit filter, as safari's HyenaFilter defines it:
 
     z(t)  = [t/(L-1), Re exp(-i f_k w_t), Im exp(-i f_k w_t)],  w_t = 2 pi t / L, f_k = linspace(1e-4, K-1, K)
     h(t)  = FFN(z(t)) * exp(-|delta_c| t/(L-1))      # FFN: Linear -> Sin -> (Linear -> Sin) x 2 -> Linear (no bias)
-    Sin(x) = sin(freq * x), freq learnable (init 1); delta_c = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d)
+    Sin(x) = sin(freq * x), one learnable freq [K] shared by the three Sin (safari reuses one module; init w = 1,
+    HyenaFilter's default); delta_c = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d)
 
 (the exponential-decay window of safari's ExponentialModulation, fast_decay_pct 0.3, slow_decay_pct 1.5, target
 1e-2; no normalisation, as safari's default). L = `spec.window`, which the family's repair sets to the genome's
@@ -164,9 +168,10 @@ class LongConv(LIVOperator):
         self.gate_conv = ShortFilter(2 * d_model)
         self.value_proj = nn.Linear(d_model, d_model)
         self.value_conv = ShortFilter(d_model)
-        layers: list[nn.Module] = [nn.Linear(FILTER_EMB, FILTER_ORDER), Sin(FILTER_ORDER)]
+        sin = Sin(FILTER_ORDER)  # one module (one frequency vector) for every Sin of the FFN, as in safari
+        layers: list[nn.Module] = [nn.Linear(FILTER_EMB, FILTER_ORDER), sin]
         for _ in range(FILTER_INNER):
-            layers += [nn.Linear(FILTER_ORDER, FILTER_ORDER), Sin(FILTER_ORDER)]
+            layers += [nn.Linear(FILTER_ORDER, FILTER_ORDER), sin]
         layers.append(nn.Linear(FILTER_ORDER, d_model, bias=False))
         self.filter_ffn = nn.Sequential(*layers)
         self.D = nn.Parameter(torch.randn(d_model))  # safari's HyenaFilter.bias
@@ -229,10 +234,10 @@ class LongConv(LIVOperator):
 
     @classmethod
     def filter_params(cls, d_model: int) -> int:
-        sin = FILTER_ORDER  # one frequency per feature and Sin
-        return (FILTER_EMB + 1) * FILTER_ORDER + sin + FILTER_INNER * ((FILTER_ORDER + 1) * FILTER_ORDER + sin) + (
+        sin = FILTER_ORDER  # one frequency per feature, shared by the FFN's Sin activations
+        return (FILTER_EMB + 1) * FILTER_ORDER + FILTER_INNER * (FILTER_ORDER + 1) * FILTER_ORDER + (
             FILTER_ORDER * d_model
-        )
+        ) + sin
 
     @classmethod
     def featurizer_params(cls, d_model, spec, reuse_features=False):
