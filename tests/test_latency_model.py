@@ -319,10 +319,10 @@ def test_traffic_counts_what_a_kernel_writes_beyond_live_memory():
     (activation_elements) does not count them, every other operator's traffic is its live intermediates."""
     from factory.ops import registry
 
-    long_conv = registry.default_spec("long_conv")
-    short, wide = long_conv.with_(window=16), long_conv.with_(window=256)
+    short_conv = registry.default_spec("short_conv")
+    short, wide = short_conv.with_(kernel=2), short_conv.with_(kernel=8)
     assert registry.activation_elements(64, short, 512) == registry.activation_elements(64, wide, 512)
-    assert registry.traffic_elements(64, wide, 512) - registry.traffic_elements(64, short, 512) == 512 * 240 * 64
+    assert registry.traffic_elements(64, wide, 512) - registry.traffic_elements(64, short, 512) == 512 * 6 * 64
     for name in registry.families():
         for spec in registry.spec_variants(name, d_model=64, context=128):
             shared = sum(registry.shared_elements(64, spec, 128).values())

@@ -28,8 +28,10 @@ Parallel form (`blocked_causal_conv`): a blocked causal convolution, loop-free w
 is cut into n = ceil(T/C) chunks of C = 64 tokens; chunk i of the output is sum_{m<=i} Toeplitz_m X_{i-m}, one
 batched MatMul of the gathered chunks [B, d, n, n*C] by the gathered filter blocks [d, n*C, C]. FFT through ONNX
 DFT (`fft_causal_conv`, safari's fftconv) computes the same; bench/bench_hyena.py measures both exported forms in
-onnxruntime (results in bench/results/hyena_conv.md) and export/onnx_export.py refuses DFT graphs, so the blocked
-form is the one used (PARALLEL_FORM).
+onnxruntime (bench/results/hyena_conv.md; d_model 128, one thread: fft / blocked = 1.34, 1.01, 0.93 at T = 512,
+2048, 4096, a single Conv1d of T taps 1.7 to 5x slower than blocked). The blocked form is used (PARALLEL_FORM): it
+is faster or level up to 2048 and within 7% at 4096, its work is MatMuls that FlopCounterMode counts, and
+export/onnx_export.py refuses DFT graphs (no CUDA kernel; float16 targets).
 
 Decode state: "value" [B, L-1, d], the last L-1 gated inputs u (what the filter reaches), rolled every step, and
 "short" [B, 2, 3d], the last two pre-conv projections of the short filters. A step is the dot product of the
@@ -57,6 +59,7 @@ from factory.ops.common import (
     channel_mix_flops,
     channel_mix_params,
     conv_state_from_prefill,
+    depthwise_conv_traffic,
     make_activation,
 )
 from factory.ops.registry import register
@@ -133,7 +136,9 @@ def blocked_causal_conv(u: torch.Tensor, h: torch.Tensor, chunk: int = CHUNK) ->
     src = (m.unsqueeze(1) - m.unsqueeze(0) + 1).clamp(min=0)  # [i, m] -> chunk i-m, shifted; 0 = a zero chunk
     xs = F.pad(xc, (0, 0, 1, 0))[:, :, src]  # [B, d, n(i), n(m), C]
     y = xs.reshape(b, d, n, n * chunk) @ blocks  # [B, d, n, C]
-    return y.reshape(b, d, n * chunk)[..., :t].transpose(1, 2)
+    # Drop the padding with a gather, not a slice: [..., :t] has length min(t, n*chunk), which export cannot prove
+    # equal to t (as in linear_attention's chunked_decay_attention).
+    return y.reshape(b, d, n * chunk).transpose(1, 2).index_select(1, torch.arange(t, device=u.device))
 
 
 def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -271,6 +276,11 @@ class LongConv(LIVOperator):
         n = -(-max(1, tokens) // CHUNK)
         # projections and short-filter outputs, the gathered chunks and filter blocks
         return 8 * tokens * d_model + d_model * n * CHUNK * (n + CHUNK)
+
+    @classmethod
+    def traffic_elements(cls, d_model, spec, tokens):
+        # the live intermediates (the two gathers included) and onnxruntime's im2col of the two short-filter Convs
+        return cls.activation_elements(d_model, spec, tokens) + depthwise_conv_traffic(tokens, SHORT_KERNEL, 3 * d_model)
 
     @classmethod
     def constraint_errors(cls, d_model, spec, context):
