@@ -218,3 +218,39 @@ def test_hyena_decode_matches_safari_reference_over_the_whole_context():
     x = torch.randn(1, context, d)
     _check(_stepped(op, x, 5), ref(x), "prefill 5 + steps")
     assert op.filter().abs()[:, -1].max() > 1e-3  # the far taps are not negligible: the check reaches them
+
+
+# -- featurizer sharing -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mamba", "short_conv", "long_conv"])
+@torch.no_grad()
+def test_featurizer_sharing_shares_exactly_the_featurizer(family):
+    """The featurizer submodules hold exactly `featurizer_params` parameters, none of the family's other weights;
+    in a model whose two layers share them, the later layer computes with the first one's (its own outputs change
+    when they change), and the genome's parameter count matches the model's."""
+    from factory.genome import Genome
+    from factory.genome.metrics import param_count
+    from factory.genome.schema import LayerGene
+    from factory.model import LIVModel
+
+    d, context = 32, 64
+    spec = registry.repair_spec(registry.default_spec(family), d, context)
+    op = registry.build_operator(d, spec)
+    cls = type(op)
+    assert cls.featurizer and "differential" not in cls.choices
+    shared = sum(p.numel() for name in cls.featurizer for p in getattr(op, name).parameters())
+    assert shared == cls.featurizer_params(d, spec) > 0
+    assert shared < sum(p.numel() for p in op.parameters())
+
+    layers = (LayerGene(op_class=0, share="featurizer"), LayerGene(op_class=0, share="featurizer"))
+    genome = Genome(d_model=d, classes=(spec,), layers=layers, context=context).validate()
+    model = LIVModel(genome).eval()
+    assert param_count(genome) == sum(p.numel() for p in model.parameters())
+    first, second = model.op(0), model.op(1)
+    assert first is not second
+    for name in cls.featurizer:
+        assert getattr(second, name) is getattr(first, name)
+    x = torch.randn(1, 20, d)
+    before = second(x)
+    for p in getattr(first, cls.featurizer[0]).parameters():
+        p.add_(0.5)
+    assert (second(x) - before).abs().max() > 1e-3
