@@ -254,3 +254,25 @@ def test_featurizer_sharing_shares_exactly_the_featurizer(family):
     for p in getattr(first, cls.featurizer[0]).parameters():
         p.add_(0.5)
     assert (second(x) - before).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_hyena_decode_reuses_its_filter_only_while_the_parameters_are_unchanged():
+    """A step reuses the filter the prefill generated (as the exported graph folds it), and generates it again
+    after any parameter of the filter changes in place (an optimizer step, load_state_dict)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d, context = 16, 64
+    op, ref = _hyena_pair(d, context)
+    torch.manual_seed(3)
+    x = torch.randn(1, 40, d)
+    _, state = op.prefill(x[:, :39])
+    with FlopCounterMode(display=False) as counter:
+        y, _ = op.step(x[:, 39:], torch.full((1, 1), 39), state)
+    assert counter.get_total_flops() == registry.flops(d, op.spec, context).decode
+    _check(y, ref(x)[:, 39:], "step after prefill")
+    for module in (op.filter_ffn[0], op.filter_ffn[1], ref.filter_fn.implicit_filter[0], ref.filter_fn.implicit_filter[1]):
+        for p in module.parameters():
+            p.mul_(1.5)
+    y, _ = op.step(x[:, 39:], torch.full((1, 1), 39), state)
+    _check(y, ref(x)[:, 39:], "step after the filter's parameters changed")

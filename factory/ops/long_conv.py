@@ -37,11 +37,14 @@ Decode state: "value" [B, L-1, d], the last L-1 gated inputs u (what the filter 
 "short" [B, 2, 3d], the last two pre-conv projections of the short filters. A step is the dot product of the
 filter with the window: a MatMul.
 
+The filter depends on the parameters only: an exported graph computes it from initializers, so constant folding
+leaves no filter-FFN nodes in it. In PyTorch, prefill generates it in every call (training needs its gradients)
+and a decode step reuses the one generated last while the parameters are unchanged (`decode_filter`: no
+gradients, not tracing; the key is each parameter's storage and version counter), as the exported decode does.
+
 Costs (matmul FLOPs per token, what FlopCounterMode counts of the PyTorch forms): projections 2 d (3d), short
-filters 2 (3d) 3, the output mixing; prefill adds the blocked convolution 2 d n^2 C^2 / context; decode adds
-2 d L. Both add the filter FFN's 2 L (E K + 2 K^2 + K d), which the PyTorch forms regenerate in every call:
-divided over the prompt in prefill, whole in every decode step. An exported graph computes the filter from
-initializers only, so constant folding leaves no filter-FFN nodes in it.
+filters 2 (3d) 3, the output mixing; prefill adds the blocked convolution 2 d n^2 C^2 / context and the filter
+FFN's 2 L (E K + 2 K^2 + K d) / context; decode adds 2 d L (a step after a prefill, whose filter it reuses).
 """
 
 from __future__ import annotations
@@ -186,13 +189,34 @@ class LongConv(LIVOperator):
         self.register_buffer("decay", torch.exp(-t * decay_rates(d_model)), persistent=False)  # [L, d]
         self.act = make_activation(spec.nonlinearity, d_model)
         self.out = channel_mix(spec.channel_mixing, d_model, d_model)
+        self._filter_cache: tuple | None = None  # (parameter versions, filter): see decode_filter
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, length={self.length}, nonlinearity={self.spec.nonlinearity}"
 
     def filter(self) -> torch.Tensor:
-        """The implicit filter h [d, L], lag 0 first."""
-        return (self.filter_ffn(self.z) * self.decay).transpose(0, 1)
+        """The implicit filter h [d, L], lag 0 first, generated from the parameters."""
+        h = (self.filter_ffn(self.z) * self.decay).transpose(0, 1)
+        if self._cacheable():
+            self._filter_cache = (self._filter_key(), h)
+        return h
+
+    def decode_filter(self) -> torch.Tensor:
+        """The filter for a decode step: the one the last call generated while the parameters are unchanged, as an
+        exported decode graph holds it folded into a constant; generated again otherwise (and always with
+        gradients on or while tracing, so a traced graph computes it from the parameters)."""
+        cache = self._filter_cache
+        if self._cacheable() and cache is not None and cache[0] == self._filter_key():
+            return cache[1]
+        return self.filter()
+
+    @staticmethod
+    def _cacheable() -> bool:
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def _filter_key(self) -> tuple:
+        tensors = [*self.filter_ffn.parameters(), self.z, self.decay]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
     def _project(self, x):
         return torch.cat([self.gate_proj(x), self.value_proj(x)], dim=-1)  # [.., 3d]: x0, x1, v before the filters
@@ -217,7 +241,7 @@ class LongConv(LIVOperator):
         pre = self._project(x)
         window = torch.cat([state["short"], pre], dim=1)  # [B, 3, 3d]
         uc = torch.cat([self.gate_conv.step(window[..., : 2 * d]), self.value_conv.step(window[..., 2 * d :])], dim=-1)
-        h = self.filter().flip(-1)  # oldest lag first, as the window
+        h = self.decode_filter().flip(-1)  # oldest lag first, as the window
         values = {}
 
         def conv(u):
@@ -266,9 +290,9 @@ class LongConv(LIVOperator):
             + 2.0 * 3 * d_model * SHORT_KERNEL
             + channel_mix_flops(spec.channel_mixing, d_model, d_model)
         )
-        ffn = 2.0 * spec.window * cls.filter_macs(d_model)  # per call
+        ffn = 2.0 * spec.window * cls.filter_macs(d_model)  # once per prompt
         prefill = common + (blocked_conv_flops(d_model, context) + ffn) / context
-        decode = common + 2.0 * d_model * spec.window + ffn
+        decode = common + 2.0 * d_model * spec.window
         return Flops(prefill, decode)
 
     @classmethod
