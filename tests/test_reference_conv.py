@@ -276,3 +276,15 @@ def test_hyena_decode_reuses_its_filter_only_while_the_parameters_are_unchanged(
             p.mul_(1.5)
     y, _ = op.step(x[:, 39:], torch.full((1, 1), 39), state)
     _check(y, ref(x)[:, 39:], "step after the filter's parameters changed")
+
+
+def test_hyena_filter_lengths_are_the_genome_contexts():
+    """Hyena's `window` (its filter length) takes exactly the genome's context values, and repair sets it to the
+    context, so every genome's filter spans its context."""
+    from factory.genome.codec import GLOBAL_DOMAINS
+
+    assert long_conv.LongConv.choices["window"] == GLOBAL_DOMAINS["context"]
+    for context in GLOBAL_DOMAINS["context"]:
+        spec = registry.repair_spec(registry.default_spec("long_conv").with_(window=64), 32, context)
+        assert spec.window == context and not registry.spec_errors(spec, 32, context)
+    assert registry.spec_errors(registry.default_spec("long_conv").with_(window=128), 32, 256)

@@ -15,18 +15,21 @@ shortconv_3 is Hyena's short filter: a causal depthwise Conv1d of kernel 3 with 
 `short_filter`, one Conv1d over all three; here split into the gates' and the value's so the featurizer is exactly
 the gates' weights). The implicit filter, as safari's HyenaFilter defines it:
 
-    z(t)  = [t/(L-1), Re exp(-i f_k w_t), Im exp(-i f_k w_t)],  w_t = 2 pi t / L, f_k = linspace(1e-4, K-1, K)
+    z(t)  = [t/(L-1), Re exp(-i f_b w_t), Im exp(-i f_b w_t)],  w_t = 2 pi t / L, f_b = linspace(1e-4, nb-1, nb)
     h(t)  = FFN(z(t)) * exp(-|delta_c| t/(L-1))      # FFN: Linear -> Sin -> (Linear -> Sin) x 2 -> Linear (no bias)
     Sin(x) = sin(freq * x), one learnable freq [K] shared by the three Sin (safari reuses one module; init w = 1,
     HyenaFilter's default); delta_c = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d)
 
-(the exponential-decay window of safari's ExponentialModulation, fast_decay_pct 0.3, slow_decay_pct 1.5, target
-1e-2; no normalisation, as safari's default). L = `spec.window`, which the family's repair sets to the genome's
-context (an operator is built from d_model and its spec alone, so the spec carries the filter length l_max).
+The decay is safari's ExponentialModulation (fast_decay_pct 0.3, slow_decay_pct 1.5, target 1e-2), with no
+normalisation, as safari's default. Sizes: nb = 4 bands (E = 9 positional features, safari's emb_dim) and an FFN of
+width K = 32 (safari's filter_order; its configs use emb_dim 3 or 33 and width 64: the sizes are this project's
+choice, the structure is safari's). L = `spec.window`, which the family's repair sets to the genome's context (an
+operator is built from d_model and its spec alone, so the spec carries the filter length, safari's l_max).
 
 Parallel form (`blocked_causal_conv`): a blocked causal convolution, loop-free with a dynamic length. The prompt
 is cut into n = ceil(T/C) chunks of C = 64 tokens; chunk i of the output is sum_{m<=i} Toeplitz_m X_{i-m}, one
-batched MatMul of the gathered chunks [B, d, n, n*C] by the gathered filter blocks [d, n*C, C]. FFT through ONNX
+batched MatMul of the gathered chunks [B, d, n, n*C] by the gathered filter blocks [d, n*C, C] (the pairs m > i
+multiply zero chunks: 2 d T^2 FLOPs at T = n C, twice the causal half's). FFT through ONNX
 DFT (`fft_causal_conv`, safari's fftconv) computes the same; bench/bench_hyena.py measures both exported forms in
 onnxruntime (bench/results/hyena_conv.md; d_model 128, one thread: fft / blocked = 1.34, 1.01, 0.93 at T = 512,
 2048, 4096, a single Conv1d of T taps 1.7 to 5x slower than blocked). The blocked form is used (PARALLEL_FORM): it
