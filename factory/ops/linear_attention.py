@@ -443,14 +443,21 @@ class LinearAttention(LIVOperator):
     def _split_halves(self, z: torch.Tensor) -> torch.Tensor:  # [..., H, dk] -> [..., 2H, dk/2]
         return z.unflatten(-1, (2, self.dk // 2)).flatten(-3, -2)
 
+    def _join_halves(self, s: torch.Tensor) -> torch.Tensor:
+        """[B, 2H, dk/2, X] -> [B, H, dk, X], the halves' states stacked. A concatenation, not a flatten: the final
+        state is a strided view of the per-chunk states, and flattening it guards on the chunk count when exported."""
+        s = s.unflatten(1, (self.h, 2))
+        return torch.cat([s[:, :, 0], s[:, :, 1]], dim=2)
+
     def _plain_values(self, v: torch.Tensor) -> torch.Tensor:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        return v.unsqueeze(-2).expand(*v.shape[:-1], 2, v.shape[-1]).flatten(-3, -2) if self.diff else v
+        return torch.stack([v, v], dim=-2).flatten(-3, -2) if self.diff else v  # stack: a contiguous copy
 
     def _plain_out(self, o: torch.Tensor) -> torch.Tensor:
+        if self.diff:  # unflatten before slicing: an unflatten of a sliced view guards on the length when exported
+            o = o.unflatten(-2, (self.h, 2))
         o = o[..., : self.dv] / (o[..., self.dv :] + self.EPS)
         if self.diff:
-            o = o.unflatten(-2, (self.h, 2))
             o = o[..., 0, :] - self._lambda() * o[..., 1, :]
         return o
 
@@ -460,8 +467,8 @@ class LinearAttention(LIVOperator):
             if self.diff:
                 q, k = self._split_halves(q), self._split_halves(k)
             o, s = chunked_decay_attention(q, k, self._plain_values(v), None)
-            if self.diff:  # [B, 2H, dk/2, dv+1] -> [B, H, dk, dv+1]: the halves' states stacked
-                s = s.unflatten(1, (self.h, 2)).flatten(2, 3)
+            if self.diff:
+                s = self._join_halves(s)
             return self._output(self._plain_out(o), g), {"kv": s[..., : self.dv], "norm": s[..., self.dv]}
         if self.decay == "gla":
             o, s = gated_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), log_a.transpose(1, 2))
@@ -479,7 +486,7 @@ class LinearAttention(LIVOperator):
                 s = s.unflatten(2, (2, self.dk // 2)).flatten(1, 2)
             o, s = outer_step(q, k, self._plain_values(v), None, s)
             if self.diff:
-                s = s.unflatten(1, (self.h, 2)).flatten(2, 3)
+                s = self._join_halves(s)
             o = self._plain_out(o.unsqueeze(1))
             return self._output(o, g), {"kv": s[..., : self.dv], "norm": s[..., self.dv]}
         decay = torch.exp(log_a[:, 0]).unsqueeze(-1)  # [B, H, dk, 1] (gla) or [B, H, 1]
