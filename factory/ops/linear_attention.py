@@ -15,13 +15,14 @@ decay (`spec.decay`):
   phi must be positive ("relu", "elu" = elu+1, "sigmoid"); no output norm (the normaliser plays its part).
 - "retnet": RetNet's retention (Sun et al. 2023, arXiv 2307.08621), as torchscale's MultiScaleRetention: q and k
   rotated by e^{i n theta} (theta_m = 10000^{-m/(d_k/2-1)}, m = 0..d_k/2-1, each applied to a pair of adjacent
-  channels: `theta_shift`), k scaled by d_k^-1/2, a fixed decay per head gamma_h = 1 - 2^(-5-h) (a buffer), the
+  channels: `theta_shift`), scores scaled by d_k^-1/2 (torchscale scales k, here q), a fixed decay per head gamma_h = 1 - 2^(-5-h) (a buffer), the
   per-head RMS (group) norm and the swish gate. torchscale also divides each row of the decayed scores by a positive
   per-(token, head) factor (the decay-mask and |score| normalisations); the group norm cancels any such factor up
   to its epsilon, so they are left out here. v is d/H wide, not RetNet's 2d/H.
 - "gla": Gated Linear Attention (Yang et al. 2023, arXiv 2312.06635): a data-dependent gate per key channel,
   a_t = sigmoid(x_t W_a1 W_a2 + b)^(1/16) (rank 16, tau = 16 as in the paper), i.e. log a_t = logsigmoid(.)/16;
-  q scaled by d_k^-1/2 (as flash-linear-attention), the per-head RMS norm and the swish gate.
+  q scaled by d_k^-1/2 (as flash-linear-attention), the per-head RMS norm (fla's; the paper writes LayerNorm) and
+  the swish gate.
 - "scalar": Mamba-2-style scalar data-dependent decay, one per head: log a_t = -softplus(x_t . w_h + b_h), b_h
   initialised so softplus(b_h) is log-uniform in [1e-3, 1e-1] (Mamba-2's dt range); q scaled by d_k^-1/2 and the
   per-head RMS norm.
@@ -32,7 +33,7 @@ two linear attentions over the same v, o = o1 - lambda o2 with o_i = q_i S_i (S_
 decay as the plain form, so the state is the plain form's [d_k, d_v]); then the per-head RMS norm (eps 1e-5, as
 the Differential Transformer's subln) and a (1 - lambda_init) scale. lambda = exp(lq1 . lk1) - exp(lq2 . lk2) +
 lambda_init, lq*, lk* in R^{d_k/2} ~ N(0, 0.1^2), lambda_init = 0.8 - 0.6 exp(-0.3 l) for the 0-based depth l.
-q is scaled by (d_k/2)^-1/2. With a decay, o1 - lambda o2 = [q1, -lambda q2] S: one pass with a sign-scaled q.
+q is scaled by (d_k/2)^-1/2; "retnet" rotates each half on its own (theta over d_k/2). With a decay, o1 - lambda o2 = [q1, -lambda q2] S: one pass with a sign-scaled q.
 With decay "none" each half has its own normaliser (o_i = q_i S_i / (q_i . z_i)), run as 2H heads of d_k/2.
 
 Parallel forms, loop-free over time so they export with a dynamic length:
@@ -48,8 +49,10 @@ Decode state: "kv" [B, H, d_k, d_v] (+ "norm" [B, H, d_k] for decay "none"), the
 
 Costs (matmul FLOPs per token): projections 2d(2 H d_k + 2d) (+ 2dH for "scalar", + 2*16*(d + H d_k) for "gla") +
 output mixing; decode adds 4 H d_k d_v' (state update as an outer-product matmul, read-out; d_v' = d_v + 1 with the
-normaliser column; the differential "none" form reads its v out twice); prefill adds the chunked terms of
-`chunked_flops` / `gated_chunked_flops`.
+normaliser column); prefill adds the chunked terms of `chunked_flops` / `gated_chunked_flops` (the differential
+"none" form runs 2H heads of d_k/2, so its intra-chunk scores multiply v twice). The per-head norm has a learned
+per-channel weight [d]. Featurizer (STAR featurizer sharing): W_q, W_k and the decay's projection ("scalar":
+decay_proj; "gla": gate_down, gate_up); W_v, W_g, lambda, the norm and W_out stay each layer's own.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ This is RWKV-6's time mixing as in Peng et al. 2024 ("Eagle and Finch", arXiv 24
 RWKV_Tmix_x060 (its one [D, 5 R_m] ddlerp down-projection with one tanh is the five [D, R_m] ones here; the branch
 order differs, nothing else). Two deviations, both immaterial: d + tanh(..) E is clamped to [-20, ln 20], i.e.
 log w to [-20, -2e-9] (a decay below e^-20 ~ 2e-9 forgets the state all the same; the other end keeps exp() out
-of denormal range, which made a CPU decode step ~50x slower, and differs from 1 by < 2e-9), and RWKV-LM's initialisation depends on the
-layer's relative depth (layer / n_layer), which an operator does not know: every layer is initialised as RWKV-LM's
+of denormal range, which made a CPU decode step ~50x slower, and differs from 1 by < 2e-9), and RWKV-LM's
+initialisation depends on the layer's relative depth (layer / n_layer), which an operator does not know: every layer is initialised as RWKV-LM's
 middle layer.
 
 Parallel form: `gated_chunked` of factory.ops.linear_attention (GLA's chunked form with RWKV's bonus), loop-free
@@ -50,8 +50,8 @@ from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_param
 from factory.ops.linear_attention import gated_chunked, gated_chunked_flops, gated_elements
 from factory.ops.registry import register
 
-LOG_DECAY_MAX = math.log(20.0)  # clamp of d + tanh(x_w C) E: log w >= -20 (see the module docstring)
-LOG_DECAY_MIN = -20.0  # and log w <= -e^-20: no denormals
+# clamp of d + tanh(x_w C) E, the log of -log w (see the module docstring): log w in [-20, -e^-20]
+DECAY_EXP_MIN, DECAY_EXP_MAX = -20.0, math.log(20.0)
 NORM_EPS = 64e-5  # RWKV-6's ln_x eps (1e-5 * head_size_divisor**2, divisor 8)
 N_MIX = 5  # ddlerp branches, in order: w, r, k, v, g
 
@@ -126,7 +126,7 @@ class RWKV(LIVOperator):
         r, k, v, g = self.receptance(xr), self.key(xk), self.value(xv), self.gate(xg)
         w = self.decay + self.decay_up(torch.tanh(self.decay_down(xw)))
         # Clamped to log w in [-20, -e^-20]: see the module docstring.
-        logw = -torch.exp(w.clamp(min=LOG_DECAY_MIN, max=LOG_DECAY_MAX))
+        logw = -torch.exp(w.clamp(min=DECAY_EXP_MIN, max=DECAY_EXP_MAX))
         return r, k, v, F.silu(g), logw
 
     def _heads(self, z: torch.Tensor) -> torch.Tensor:
