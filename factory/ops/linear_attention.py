@@ -40,10 +40,13 @@ Parallel forms, loop-free over time so they export with a dynamic length:
 - "none", "retnet", "scalar" (`chunked_decay_attention`): Mamba-2's SSD "minimal discrete" algorithm: T is padded
   to a multiple of CHUNK with zero keys/values and zero log-decay; inside a chunk the masked quadratic form with
   the decay matrix exp(segsum(log a)), across chunks one [n, n] decay matrix applied to the per-chunk states.
-- "gla" (`gated_chunked`, also RWKV-6's core): chunks of GATED_CHUNK = 16 tokens; inside a chunk the exact
-  [C, C, d_k] decay tensor exp(b_i - b_j) (b the within-chunk cumsum of log a; masked to -inf above the diagonal
-  before exp, so every exponent is <= 0), contracted as one [1, d_k] x [d_k, C] matmul per query; across chunks the
-  per-key-channel decayed prefix of the chunk states (`decayed_prefix`, two levels, exponents <= 0).
+- "gla" (`gated_chunked`, also RWKV-6's core): chunks of GATED_CHUNK = 16 tokens with GLA's secondary chunking
+  inside (sub-chunks of SUB = 4): within a sub-chunk the exact [SUB, SUB, d_k] decay tensor exp(b_i - b_j) (b the
+  within-chunk cumsum of log a, masked to -inf above the diagonal before exp), contracted as one [1, d_k] x
+  [d_k, SUB] matmul per query; across sub-chunks p > r the factored form (q_i exp(b_i - e_r)) . (k_j exp(e_r - b_j))
+  with e_r the cumsum at the end of sub-chunk r, both exponents <= 0, so no exp of a positive number anywhere and
+  no clamp on the decay; across chunks the per-key-channel decayed prefix of the chunk states (`decayed_prefix`,
+  two levels, exponents <= 0).
 
 Decode state: "kv" [B, H, d_k, d_v] (+ "norm" [B, H, d_k] for decay "none"), the same for the differential form.
 
@@ -168,7 +171,8 @@ def scan_step(
 
 
 # -- per-key-channel decay: GLA and RWKV-6 --------------------------------------------------------------------------
-GATED_CHUNK = 16  # tokens per chunk of `gated_chunked` (its intra-chunk decay tensor is [C, C, d_k])
+GATED_CHUNK = 16  # tokens per chunk of `gated_chunked`
+SUB = 4  # tokens per sub-chunk of `gated_chunked` (its exact intra-sub-chunk decay tensor is [SUB, SUB, d_k])
 BLOCK = 16  # chunks per block of `decayed_prefix`
 
 
@@ -226,11 +230,24 @@ def gated_chunked(
     q, k, v, log_a = (F.pad(z, (0, 0, 0, n * c - t)).reshape(bsz, heads, n, c, z.shape[-1]) for z in (q, k, v, log_a))
     b = log_a.cumsum(-2)  # inclusive log decay from the chunk start
     bi = b if bonus is None else b - log_a  # the decay the query at i sees: S_i (GLA) or S_{i-1} (RWKV)
-    mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(0 if bonus is None else -1)
-    # [B, H, n, C_i, C_j, N]: exp(bi_i - b_j), masked before exp, so no exponent is positive.
-    decay = torch.exp(torch.where(mask.unsqueeze(-1), bi.unsqueeze(-2) - b.unsqueeze(-3), float("-inf")))
-    att = (q.unsqueeze(-2) @ (k.unsqueeze(-3) * decay).transpose(-1, -2)).squeeze(-2)  # [B, H, n, C, C]
-    y = att @ v
+    # Secondary chunking (GLA's): sub-chunks of SUB tokens. Every exponent below is <= 0, masked before exp.
+    ns = c // SUB
+    qs, ks, vs, bs, bis = (z.unflatten(-2, (ns, SUB)) for z in (q, k, v, b, bi))  # [B, H, n, ns, SUB, X]
+    # within a sub-chunk: the exact [SUB, SUB, N] decay tensor exp(bi_i - b_j)
+    mask = torch.ones(SUB, SUB, dtype=torch.bool, device=q.device).tril(0 if bonus is None else -1)
+    decay = torch.exp(torch.where(mask.unsqueeze(-1), bis.unsqueeze(-2) - bs.unsqueeze(-3), float("-inf")))
+    diag = (qs.unsqueeze(-2) @ (ks.unsqueeze(-3) * decay).transpose(-1, -2)).squeeze(-2)  # [.., ns, SUB, SUB]
+    # across sub-chunks p > r, factored at the end of sub-chunk r (e_r): exp(bi_i - b_j) = exp(bi_i - e_r) *
+    # exp(e_r - b_j), both <= 1; the query factor depends on the pair: [.., ns_p, ns_r, SUB, N].
+    e = bs[..., -1, :]  # [B, H, n, ns, N]
+    earlier = torch.ones(ns, ns, dtype=torch.bool, device=q.device).tril(-1)[:, :, None, None]
+    q_pair = qs.unsqueeze(-3) * torch.exp(
+        torch.where(earlier, bis.unsqueeze(-3) - e.unsqueeze(-2).unsqueeze(-4), float("-inf"))
+    )
+    k_end = ks * torch.exp(e.unsqueeze(-2) - bs)  # [.., ns, SUB, N]
+    att = q_pair @ k_end.unsqueeze(-4).transpose(-1, -2)  # [.., ns_p, ns_r, SUB, SUB]; zero where p <= r
+    att = att + torch.eye(ns, device=q.device)[:, :, None, None] * diag.unsqueeze(-3)
+    y = (att @ vs.unsqueeze(-4)).sum(-3).flatten(-3, -2)  # [B, H, n, C, V]
     if bonus is not None:
         y = y + (q * bonus.unsqueeze(1).unsqueeze(1) * k).sum(-1, keepdim=True) * v
 
@@ -252,17 +269,20 @@ def gated_chunked_flops(context: int, heads: int, dk: int, dv: int) -> float:
     n = gated_chunks(t)
     nb = prefix_blocks(n)
     c = GATED_CHUNK
-    total = n * (2.0 * c * c * (dk + dv) + 4.0 * c * dk * dv)  # intra-chunk scores, @ v; chunk states, read-out
+    # intra-chunk scores (across and within sub-chunks), their product with v; chunk states, read-out
+    total = n * (2.0 * c * c * dk + 2.0 * c * SUB * dk + 2.0 * c * c * dv + 4.0 * c * dk * dv)
     total += 2.0 * nb * BLOCK * BLOCK * dk * dv + 2.0 * nb * nb * dk * dv  # prefix within and across blocks
     return heads * total / t
 
 
 def gated_elements(heads: int, dk: int, dv: int, tokens: int) -> int:
-    """Largest live intermediates of `gated_chunked`: the [C, C, N] decay tensor and its product with k, the chunk
-    states (two copies) and the within-block decay matrices."""
+    """Largest live intermediates of `gated_chunked`: the within-sub-chunk decay tensor and its product with k, the
+    pairwise query factors, the chunk states (two copies) and the within-block decay matrices."""
     n = gated_chunks(max(1, tokens))
     nb = prefix_blocks(n)
-    return heads * (2 * n * GATED_CHUNK * GATED_CHUNK * dk + 2 * nb * BLOCK * dk * dv + nb * BLOCK * BLOCK * dk)
+    ns = GATED_CHUNK // SUB
+    per_chunk = 2 * GATED_CHUNK * SUB * dk + GATED_CHUNK * ns * dk
+    return heads * (n * per_chunk + 2 * nb * BLOCK * dk * dv + nb * BLOCK * BLOCK * dk)
 
 
 def outer_step(

@@ -23,10 +23,11 @@ initialisation depends on the layer's relative depth (layer / n_layer), which an
 middle layer.
 
 Parallel form: `gated_chunked` of factory.ops.linear_attention (GLA's chunked form with RWKV's bonus), loop-free
-so that it exports with a dynamic length: chunks of 16 tokens with the exact [16, 16, N] intra-chunk decay tensor
-exp(b_{i-1} - b_j) (exponents <= 0, masked before exp), the bonus on the diagonal, and the per-key-channel decayed
-prefix of the chunk states across chunks (two levels: [16, 16] matrices inside blocks of 16 chunks, an [nb, nb]
-one across blocks).
+so that it exports with a dynamic length: chunks of 16 tokens in sub-chunks of 4, the exact [4, 4, N] decay tensor
+exp(b_{i-1} - b_j) within a sub-chunk and a factored form at sub-chunk ends across them (every exponent <= 0,
+masked before exp, so any decay is exact without a clamp), the bonus on the diagonal, and the per-key-channel
+decayed prefix of the chunk states across chunks (two levels: [16, 16] matrices inside blocks of 16 chunks, an
+[nb, nb] one across blocks).
 
 Featurizer (STAR featurizer sharing): receptance, key and the decay (its LoRA and base d); the token-shift mixes,
 value, gate, bonus, norm and output stay each layer's own.
