@@ -174,7 +174,7 @@ def test_stacked_gated_linear_attention_keeps_parity(tmp_path):
     cancels is divided by its own RMS, which magnifies float32 rounding. With the norm's epsilon at 1e-6 this
     model, as initialised here, missed parity on one-token prompts (prefill state 1.2e-4 relative); the epsilon
     bounds that gain."""
-    la = {"family": "linear_attention", "decay": "data", "nonlinearity": "swish", "channel_mixing": "dense"}
+    la = {"family": "linear_attention", "decay": "scalar", "nonlinearity": "swish", "channel_mixing": "dense"}
     genome = _six_layers(
         [{**la, "heads": 4, "state_size": 64}, {**la, "heads": 8, "state_size": 8, "channel_mixing": "diagonal"}],
         [{"op_class": c, "share": s}
@@ -190,7 +190,7 @@ def test_rounding_beyond_tolerance_is_judged_against_float64(tmp_path):
     passes it; the other cases stay within 1e-4 of PyTorch."""
     # (kernel does nothing in linear attention; it adds prompt lengths 5-7 to the parity cases, and so sets the
     # random prompts this model is checked with)
-    la = {"family": "linear_attention", "decay": "data", "channel_mixing": "grouped", "kernel": 6}
+    la = {"family": "linear_attention", "decay": "scalar", "channel_mixing": "grouped", "kernel": 6}
     genome = _six_layers([{**la, "heads": 8, "state_size": 32, "nonlinearity": "identity"},
                           {**la, "heads": 2, "state_size": 64, "nonlinearity": "swish"}],
                          [{"op_class": i % 2} for i in range(6)])

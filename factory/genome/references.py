@@ -54,7 +54,7 @@ def _references() -> dict[str, Genome]:
         "lfm2-like": _build("lfm2-like", _interleave([conv, conv, GQA, conv])),
         "rwkv": _build("rwkv", _interleave([("rwkv", {})] * 4)),
         "mamba-like": _build("mamba-like", [("mamba", {})] * 6),
-        "linear-attention": _build("linear-attention", _interleave([("linear_attention", {"decay": "data"})] * 4)),
+        "linear-attention": _build("linear-attention", _interleave([("linear_attention", {"decay": "gla"})] * 4)),
         "perceiver-ar": _build("perceiver-ar", _interleave([MHA] * 4), latents=64),
         "pangu-pi": _build(
             "pangu-pi",

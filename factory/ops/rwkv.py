@@ -9,31 +9,33 @@ Per token (D = d_model, H = heads, N = d_k = d_v = D / H, R_m / R_w = low ranks,
     dx   = x_{t-1} - x_t                                        # token shift (x_{-1} = 0)
     x_*  = x_t + dx * (mu_* + tanh((x_t + dx * mu_x) A_*) B_*)   # ddlerp, * in {w, r, k, v, g}, rank R_m each
     r, k, v, g = x_r W_r, x_k W_k, x_v W_v, silu(x_g W_g)
-    log w_t = -exp(min(d + tanh(x_w C) E, ln 5))                # in [-5, 0): per head and key channel, rank R_w
+    log w_t = -exp(d + tanh(x_w C) E)                           # per head and key channel, rank R_w
     y_t  = r_t (S_{t-1} + diag(u) k_t^T v_t)                    # per head; u: the bonus of the current token
     S_t  = diag(w_t) S_{t-1} + k_t^T v_t                        # S: [N, N] per head
     out  = W_o( groupnorm_H(y) * g )                            # W_o: channel_mix (dense / grouped / diagonal)
 
-The clamp log w >= -5 (w >= 0.0067: at most ~99.3% forgotten in one step) is part of the model and applied the same
-way in `prefill` and `step`. It bounds a chunk's log decay to 5 * CHUNK, which keeps the factored exponentials of
-the chunked form finite in fp32 and bf16 (|exponent| <= 40). In fp16 they would overflow: keep the chunked core
-(`wkv_chunked`) in fp32 in a float16 graph.
+This is RWKV-6's time mixing as in Peng et al. 2024 ("Eagle and Finch", arXiv 2404.05892) and RWKV-LM's
+RWKV_Tmix_x060 (its one [D, 5 R_m] ddlerp down-projection with one tanh is the five [D, R_m] ones here; the branch
+order differs, nothing else). Two deviations, both immaterial: d + tanh(..) E is clamped to [-20, ln 20], i.e.
+log w to [-20, -2e-9] (a decay below e^-20 ~ 2e-9 forgets the state all the same; the other end keeps exp() out
+of denormal range, which made a CPU decode step ~50x slower, and differs from 1 by < 2e-9), and RWKV-LM's
+initialisation depends on the layer's relative depth (layer / n_layer), which an operator does not know: every layer is initialised as RWKV-LM's
+middle layer.
 
-Parallel form, loop-free so that it exports with a dynamic length (GLA-style chunks of CHUNK = 16 tokens):
-  - T is zero-padded to n = T // 16 + 1 chunks (zero r/k/v and zero log decay: the final state is unchanged).
-  - intra-chunk: with b = the within-chunk cumsum of log w and c = b at the middle of the chunk,
-    A_ij = (r_i * exp(b_{i-1} - c)) . (k_j * exp(c - b_j)) for j < i, the bonus on the diagonal; y = A v.
-  - chunk summaries: U_m = sum_j (k_j * exp(b_end - b_j))^T v_j and the chunk's log decay g_m (exact, <= 0).
-  - inter-chunk: the state after every chunk, P_n = sum_{m <= n} exp(g_{m+1} + ... + g_n) U_m per key channel,
-    in two levels: exact masked [16, 16] decay matrices inside blocks of BLOCK = 16 chunks, then a masked
-    [nb, nb] one across blocks (exponents <= 0; masked entries are -inf before exp). y += (r_i * exp(b_{i-1})) P_{n-1}.
-  The only quadratic term is the block level: (T / 256)^2 per channel, negligible below ~64K tokens.
-The padding always adds at least one token and one block: the exporter then never sees a size that may be 0 or 1.
+Parallel form: `gated_chunked` of factory.ops.linear_attention (GLA's chunked form with RWKV's bonus), loop-free
+so that it exports with a dynamic length: chunks of 16 tokens in sub-chunks of 4, the exact [4, 4, N] decay tensor
+exp(b_{i-1} - b_j) within a sub-chunk and a factored form at sub-chunk ends across them (every exponent <= 0,
+masked before exp, so any decay is exact without a clamp), the bonus on the diagonal, and the per-key-channel
+decayed prefix of the chunk states across chunks (two levels: [16, 16] matrices inside blocks of 16 chunks, an
+[nb, nb] one across blocks).
+
+Featurizer (STAR featurizer sharing): receptance, key and the decay (its LoRA and base d); the token-shift mixes,
+value, gate, bonus, norm and output stay each layer's own.
 
 Decode state: "shift" [B, 1, D] (the previous token's input) and "wkv" [B, H, N, N], i.e. D * (N + 1) per sequence.
 Parameters: 4 D^2 (r, k, v, g) + channel_mix + 10 D R_m + 2 D R_w + 10 D.
-FLOPs per token: decode 8 D^2 + channel_mix + 20 D R_m + 4 D R_w + 4 D N (readout r S and the rank-1 update);
-prefill the same projections plus about 4 * CHUNK * D + 4 D N for the chunked recurrence (see `flops`).
+FLOPs per token: decode 8 D^2 + channel_mix + 20 D R_m + 4 D R_w + 4 D N (the rank-1 update k^T v as a matmul and
+the readout r S); prefill the same projections plus `gated_chunked_flops`.
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ from torch import nn
 
 from factory.ops.base import Flops, LIVOperator, OpSpec, State
 from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_params
+from factory.ops.linear_attention import gated_chunked, gated_chunked_flops, gated_elements
 from factory.ops.registry import register
 
-CHUNK = 16  # tokens per chunk of the parallel form
-BLOCK = 16  # chunks per block of the inter-chunk state passing
-LOG_DECAY_MIN = -5.0  # clamp of log w per step (see the module docstring)
+# clamp of d + tanh(x_w C) E, the log of -log w (see the module docstring): log w in [-20, -e^-20]
+DECAY_EXP_MIN, DECAY_EXP_MAX = -20.0, math.log(20.0)
 NORM_EPS = 64e-5  # RWKV-6's ln_x eps (1e-5 * head_size_divisor**2, divisor 8)
 N_MIX = 5  # ddlerp branches, in order: w, r, k, v, g
 
@@ -58,77 +60,6 @@ N_MIX = 5  # ddlerp branches, in order: w, r, k, v, g
 def ranks(d_model: int) -> tuple[int, int]:
     """Low ranks of the ddlerp (R_m) and decay (R_w) projections: RWKV-6 uses 32 / 64 at width 768+."""
     return max(8, min(32, d_model // 16)), max(16, min(64, d_model // 8))
-
-
-def _chunks(t):
-    """Chunks after padding: at least one padding token, so n >= 1 even for t == 0 (export never sees n == 0)."""
-    return t // CHUNK + 1
-
-
-def _blocks(n):
-    """Blocks after padding: at least one padding block, so nb >= 2 (export never specialises on nb == 1)."""
-    return (n + BLOCK - 1) // BLOCK + 1
-
-
-def _decayed_prefix(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Inclusive decayed prefix sum P_n = sum_{m <= n} exp(g_{m+1} + ... + g_n) * U_m, loop-free.
-
-    u: [B, H, n, N, V] (chunk contributions); g: [B, H, n, N] (chunk log decays, <= 0, per key channel).
-    Two levels keep memory linear in n for practical lengths: exact [BLOCK, BLOCK] decay matrices inside blocks of
-    BLOCK chunks, then an [nb, nb] one across blocks. Returns P zero-padded to nb * BLOCK chunks; padding (zero U,
-    zero g) leaves the prefix unchanged, so P[:, :, -1] is the state after the last real chunk.
-    """
-    bsz, heads, n, dk, dv = u.shape
-    nb = _blocks(n)
-    u = F.pad(u, (0, 0, 0, 0, 0, nb * BLOCK - n)).reshape(bsz, heads, nb, BLOCK, dk, dv)
-    g = F.pad(g, (0, 0, 0, nb * BLOCK - n)).reshape(bsz, heads, nb, BLOCK, dk)
-    lg = g.cumsum(3).transpose(-1, -2)  # [B, H, nb, N, BLOCK]: log decay from the block start, inclusive
-    incl = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=u.device).tril()
-    # Mask before exp (not after): the upper triangle would overflow and poison gradients with inf * 0.
-    within = torch.exp(torch.where(incl, lg.unsqueeze(-1) - lg.unsqueeze(-2), float("-inf")))
-    q = within @ u.transpose(3, 4)  # [B, H, nb, N, BLOCK, V]: prefix within each block
-
-    gb = lg[..., -1]  # [B, H, nb, N]: total log decay of each block
-    gb_incl = gb.cumsum(2).transpose(-1, -2)  # [B, H, N, nb]
-    gb_excl = gb_incl - gb.transpose(-1, -2)
-    idx = torch.arange(nb, device=u.device)
-    before = idx.unsqueeze(1) > idx.unsqueeze(0)  # strictly earlier blocks: [nb, nb]
-    across = torch.exp(torch.where(before, gb_excl.unsqueeze(-1) - gb_incl.unsqueeze(-2), float("-inf")))
-    start = across @ q[..., -1, :].transpose(2, 3)  # [B, H, N, nb, V]: state entering each block
-    p = q + torch.exp(lg).unsqueeze(-1) * start.transpose(2, 3).unsqueeze(-2)
-    return p.transpose(3, 4).reshape(bsz, heads, nb * BLOCK, dk, dv)
-
-
-def wkv_chunked(
-    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RWKV-6 recurrence from a zero state, chunked and loop-free.
-
-    r, k, logw: [B, H, T, N]; v: [B, H, T, V]; u: [H, N]. Returns y [B, T, H, V] and the final state [B, H, N, V].
-    """
-    bsz, heads, t, dk = r.shape
-    n = _chunks(t)
-    r, k, v, logw = (
-        F.pad(z, (0, 0, 0, n * CHUNK - t)).reshape(bsz, heads, n, CHUNK, z.shape[-1]) for z in (r, k, v, logw)
-    )
-    b = logw.cumsum(-2)  # inclusive log decay from the chunk start
-    bq = b - logw  # exclusive: the decay r_i sees (S_{i-1})
-    ref = b[..., CHUNK // 2 - 1 : CHUNK // 2, :]  # mid-chunk reference: every factor's exponent within +-40
-    att = (r * torch.exp(bq - ref)) @ (k * torch.exp(ref - b)).transpose(-1, -2)  # [B, H, n, C, C]
-    strict = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=r.device).tril(-1)
-    att = att.masked_fill(~strict, 0.0)  # where, not multiply: masked entries may be huge
-    y = att @ v + (r * u.unsqueeze(1).unsqueeze(1) * k).sum(-1, keepdim=True) * v
-
-    g = b[..., -1, :]  # [B, H, n, N]
-    contrib = (k * torch.exp(g.unsqueeze(-2) - b)).transpose(-1, -2) @ v  # [B, H, n, N, V], decayed to chunk end
-    after = _decayed_prefix(contrib, g)  # state after each chunk (padded)
-    # Unpad by index_select, not by slicing: a slice's size min(n, 16 * nb) defeats the exporter's shape algebra.
-    before = torch.cat([torch.zeros_like(after[:, :, :1]), after], dim=2)
-    before = before.index_select(2, torch.arange(n, device=r.device))  # state entering each chunk
-    y = y + (r * torch.exp(bq)) @ before
-    # Back to [B, T, H, V] while still chunked: transposing a [B, H, T, V] tensor makes the exporter guard T != 1.
-    y = y.permute(0, 2, 3, 1, 4).reshape(bsz, n * CHUNK, heads, v.shape[-1])
-    return y.index_select(1, torch.arange(t, device=r.device)), after[:, :, -1]  # index_select: see above
 
 
 @register
@@ -139,13 +70,14 @@ class RWKV(LIVOperator):
         "channel_mixing": ("dense", "grouped", "diagonal"),
     }
     defaults = {"heads": 4, "channel_mixing": "dense"}
+    featurizer = ("receptance", "key", "decay", "decay_down", "decay_up")
 
     def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
         super().__init__(d_model, spec, reuse_features, layer)
         d, h = d_model, spec.heads
         self.heads, self.head_dim = h, d // h
         rm, rw = ranks(d)
-        # RWKV-6 initialisation for a middle layer (the layer index is not known here).
+        # RWKV-6 initialisation for a middle layer (the relative depth layer / n_layer is not known here).
         depth, shallow = 0.5, 0.5  # ratio_0_to_1, ratio_1_to_almost0
         ddd = torch.arange(d, dtype=torch.float32) / d
         self.mix_x = nn.Parameter(1.0 - ddd.pow(shallow))
@@ -194,9 +126,8 @@ class RWKV(LIVOperator):
         xw, xr, xk, xv, xg = (x + dx * (mu + up(torch.tanh(down(xx)))) for mu, down, up in branches)
         r, k, v, g = self.receptance(xr), self.key(xk), self.value(xv), self.gate(xg)
         w = self.decay + self.decay_up(torch.tanh(self.decay_down(xw)))
-        # The lower clamp keeps exp() out of denormal range (e^-20 ~ 2e-9 is still "no decay"): denormals made
-        # a CPU decode step ~50x slower.
-        logw = -torch.exp(w.clamp(min=-20.0, max=math.log(-LOG_DECAY_MIN)))  # in [LOG_DECAY_MIN, 0)
+        # Clamped to log w in [-20, -e^-20]: see the module docstring.
+        logw = -torch.exp(w.clamp(min=DECAY_EXP_MIN, max=DECAY_EXP_MAX))
         return r, k, v, F.silu(g), logw
 
     def _heads(self, z: torch.Tensor) -> torch.Tensor:
@@ -215,14 +146,14 @@ class RWKV(LIVOperator):
         t = x.shape[1]
         padded = F.pad(x, (0, 0, 1, 0))  # x_{t-1} for every t, zero before the first token
         r, k, v, g, logw = self._featurize(x, padded[:, :t])
-        y, wkv = wkv_chunked(self._heads(r), self._heads(k), self._heads(v), self._heads(logw), self.bonus)
+        y, wkv = gated_chunked(self._heads(r), self._heads(k), self._heads(v), self._heads(logw), self.bonus)
         return self._output(y, g), {"shift": padded[:, t:], "wkv": wkv}  # last input (zeros if t == 0)
 
     # -- recurrent form ----------------------------------------------------------------------------------------
     def step(self, x, position, state, publish=None, reuse=None):
         r, k, v, g, logw = self._featurize(x, state["shift"])
         r, k, v, logw = (self._heads(z).squeeze(2) for z in (r, k, v, logw))  # [B, H, N]
-        kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # [B, H, N, V]
+        kv = k.unsqueeze(-1) @ v.unsqueeze(-2)  # [B, H, N, V], the rank-1 update as a matmul
         s = state["wkv"]
         y = (r.unsqueeze(-2) @ (s + self.bonus.unsqueeze(-1) * kv)).transpose(1, 2)  # [B, 1, H, V]
         new = torch.exp(logw).unsqueeze(-1) * s + kv
@@ -257,34 +188,18 @@ class RWKV(LIVOperator):
         d, n = d_model, d_model // spec.heads
         proj = cls._projection_flops(d, spec)
         decode = proj + 4.0 * d * n  # r S readout + rank-1 state update
-        t = max(context, 1)
-        chunks = _chunks(t)
-        blocks = _blocks(chunks)
-        tp = chunks * CHUNK
-        core = (
-            4.0 * CHUNK * d * tp  # intra-chunk scores and their product with v
-            + 4.0 * d * n * tp  # chunk contributions k^T v and the inter-chunk readout r S
-            + 2.0 * blocks * BLOCK * BLOCK * d * n  # prefix within blocks
-            + 2.0 * blocks * blocks * d * n  # across blocks
-        )
-        return Flops(proj + core / t, decode)
+        return Flops(proj + gated_chunked_flops(context, spec.heads, n, n), decode)
+
+    @classmethod
+    def featurizer_params(cls, d_model, spec, reuse_features=False):
+        d = d_model
+        return 2 * d * d + d + 2 * ranks(d)[1] * d  # receptance, key; decay base and LoRA
 
     @classmethod
     def activation_elements(cls, d_model, spec, tokens):
         d, h = d_model, spec.heads
-        n = d // h
-        chunks = _chunks(tokens)
-        blocks = _blocks(chunks)
-        tp = chunks * CHUNK
-        # Summed, as they are live together: ddlerp branches and projections, chunk scores, per-chunk states (two
-        # copies), the decay matrices within and across blocks.
-        return (
-            10 * tp * d
-            + h * tp * CHUNK
-            + 2 * blocks * BLOCK * d * n
-            + blocks * BLOCK * BLOCK * d
-            + blocks * blocks * d
-        )
+        # ddlerp branches and projections, then the chunked core's intermediates
+        return 10 * (tokens + 16) * d + gated_elements(h, d // h, d // h, tokens)
 
     @classmethod
     def constraint_errors(cls, d_model, spec, context):
