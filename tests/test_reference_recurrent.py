@@ -39,7 +39,7 @@ def _fla(relative: str, name: str):
     """A function from one plain-torch file of the installed fla-core package, without importing `fla` itself."""
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core is not installed (pip install fla-core==0.6.0)")
+        pytest.fail("fla-core is not installed: it is a dev extra (pip install -e '.[dev]')")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     mod_spec = importlib.util.spec_from_file_location(f"_fla_{path.stem}", path)
     module = importlib.util.module_from_spec(mod_spec)

@@ -52,7 +52,7 @@ class OpSpec:
     positional: str = "none"  # rope | alibi | none
     window: int = 0  # attention sliding window (banded sparsity; 0 = dense) / long-conv filter length
     nonlinearity: str = "swish"  # family-specific: GLU activation, linear-attention feature map, conv gate
-    decay: str = "none"  # linear attention: none | fixed (RetNet) | data (GLA)
+    decay: str = "none"  # linear attention: none | retnet | gla (per key channel) | scalar (per head, Mamba-2 style)
     state_size: int = 16  # SSM state size N, linear-attention key dim per head
     kernel: int = 4  # short conv kernel, SSM conv kernel
     expansion: int = 2  # GLU hidden multiple, SSM inner expansion

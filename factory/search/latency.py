@@ -17,6 +17,7 @@ what the report calls latency is measured, never predicted.
 from __future__ import annotations
 
 import math
+import sys
 import platform
 import shutil
 import tempfile
@@ -85,7 +86,7 @@ def training_samples(target, metric: str, source: str | None = None
     ever adds time (bench/bench_latency.py).
     """
     from factory.features import latency_features
-    from factory.genome.schema import Genome
+    from factory.genome.schema import Genome, GenomeError
     from profiles.runner import PROTOCOL_VERSION
     from profiles.store import load_archived_genome, load_measurements
 
@@ -102,15 +103,33 @@ def training_samples(target, metric: str, source: str | None = None
         before = lowest.get(h, (math.inf, math.inf))
         lowest[h] = (min(float(values[0]), before[0]), min(float(values[1]), before[1]))
     rows, ys, hashes, steady = [], [], [], []
+    outdated = 0
     for h, (value, steady_value) in lowest.items():
         genome_dict = load_archived_genome(h)
         if genome_dict is None:
             continue
-        rows.append(latency_features(Genome.from_dict(genome_dict), metric, target.prompt_length, target.decode_context))
+        try:
+            genome = Genome.from_dict(genome_dict)
+        except GenomeError:  # a genome of an older schema: its operators are not what this version builds
+            outdated += 1
+            continue
+        rows.append(latency_features(genome, metric, target.prompt_length, target.decode_context))
         ys.append(value)
         hashes.append(h)
         steady.append(steady_value)
+    if outdated:
+        _say_once(f"latency model for {target.name}: skipped {outdated} stored measurement(s) of genomes in an older "
+                  f"schema (their operators changed meaning)")
     return rows, ys, hashes, steady
+
+
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)
 
 
 def fit_latency_model(target, metric: str | None = None, source: str | None = None):
