@@ -243,3 +243,48 @@ def test_finalize_retrains_front_and_baselines_with_two_seeds(reference_run, cap
     cli_here(capsys, "search", "finalize", reference_run, "--top-k", "1", "--multiplier", "1", "--seeds", "2",
              "--executor", "inline", "--json")
     assert db.execute("SELECT COUNT(*) FROM final").fetchone()[0] == n  # stored results are reused, not retrained
+
+
+# -- Perceiver-AR inside the search ------------------------------------------------------------------------------
+PERCEIVER_TINY = dict(n_layers=3, d_model=32, context=128, families=("attention", "glu"), population=8, generations=3,
+                      tokens=1024, seq_len=32, batch_size=8, executor="inline", seed=0)
+
+
+def test_latents_are_a_free_gene_that_mutation_changes_and_repair_keeps_valid():
+    import random
+
+    from factory.genome.codec import GLOBAL_DOMAINS
+    from factory.search.operators import PerGeneMutation
+    from factory.search.seeding import adapted_references, build_space
+
+    space = build_space(SearchConfig(**PERCEIVER_TINY))
+    pos = list(GLOBAL_DOMAINS).index("latents")
+    assert pos not in space.frozen_positions
+    refs = {name: (g, note) for name, g, note in adapted_references(space)}
+    perceiver, note = refs["perceiver-ar"]
+    assert perceiver is not None and perceiver.latents == 64, note  # kept: 64 < context 128
+    # Mutating only the latents gene (rate 1 on that position, 0 elsewhere) visits every other count; repair keeps
+    # those below the context and switches the rest off.
+    v = space.encode(perceiver)
+    seen = set()
+    for seed in range(40):
+        child = list(v)
+        child[pos] = PerGeneMutation(rate=1.0).do(space, v, np.random.default_rng(seed))[pos]
+        g = space.repair(child)
+        seen.add(g.latents)
+        assert g.latents == (GLOBAL_DOMAINS["latents"][child[pos]] if GLOBAL_DOMAINS["latents"][child[pos]] < 128 else 0)
+    assert seen == {0, 16, 32}, seen  # 64 itself is never redrawn; 128 is not below the context
+    # Random samples of the space reach Perceiver-AR too (where layer 0 happens to be dense attention).
+    assert any(space.sample(random.Random(s).randint(0, 2**31)).latents > 0 for s in range(200))
+
+
+def test_a_tiny_search_trains_perceiver_ar_genomes(tmp_path):
+    result = start_search(SearchConfig(**PERCEIVER_TINY), tmp_path / "perceiver")
+    assert result["complete"]
+    rows = db_rows(tmp_path / "perceiver")
+    latent = [r for r in rows.values() if json.loads(r["genome"])["global"]["latents"] > 0]
+    assert latent, "no Perceiver-AR genome was evaluated"
+    for r in latent:
+        assert r["status"] == "ok", r["reason"]
+        assert np.isfinite(json.loads(r["measurements"])["train"]["val_bpb"])
+    assert any(r["origin"] == "reference:perceiver-ar" for r in latent)
