@@ -599,3 +599,38 @@ def test_failed_parity_leaves_no_artifact(checkpoint, tmp_path, monkeypatch, cap
     assert code == 2 and "misses parity" in err and "0.03" in err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no hidden build folder either
+
+
+def _as_version_1(genome: dict) -> dict:
+    return {**genome, "schema_version": 1}
+
+
+def test_version_1_genomes_are_refused_in_one_line(checkpoint, exported, tmp_path, capsys):
+    """A version-1 genome file, and a checkpoint holding one, fail through the CLI with one line naming the schema
+    version (exit 2, no traceback). An export folder's graphs do not depend on the genome schema (the manifest's
+    genome is a description, never parsed), so an export whose manifest holds a version-1 genome still runs."""
+    import shutil
+
+    from factory.genome.references import reference
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_as_version_1(reference("transformer++").to_dict())))
+    code, out, err = run_cli(["genome", "validate", old], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "schema_version: 1 is no longer read" in err and "Traceback" not in err, err
+
+    ckpt = tmp_path / "old-checkpoint"
+    shutil.copytree(checkpoint, ckpt)
+    (ckpt / "genome.json").write_text(json.dumps(_as_version_1(json.loads((ckpt / "genome.json").read_text()))))
+    for argv in (["export", ckpt, "--out", tmp_path / "never"], ["generate", ckpt, "Hi", "--max-new", "2"]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "schema_version: 1" in err, (argv, err)
+    assert not (tmp_path / "never").exists()
+
+    folder = tmp_path / "old-export"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "genome": _as_version_1(manifest["genome"])}))
+    code, out, err = run_cli(["generate", folder, "ROMEO:", "--max-new", "4", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["text"] == runtime.generate(exported, "ROMEO:", 4, seed=0, temperature=0.8, top_k=40)

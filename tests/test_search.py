@@ -288,3 +288,28 @@ def test_a_tiny_search_trains_perceiver_ar_genomes(tmp_path):
         assert r["status"] == "ok", r["reason"]
         assert np.isfinite(json.loads(r["measurements"])["train"]["val_bpb"])
     assert any(r["origin"] == "reference:perceiver-ar" for r in latent)
+
+
+def test_a_database_of_version_1_genomes_is_refused_in_one_line(tmp_path, reference_run, capsys):
+    """Every command that reads a search database whose genomes are of schema version 1 fails with one line
+    (exit 2) naming the version, before reading anything else."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reference_run, old)
+    db = sqlite3.connect(old / "search.db")
+    for table in ("evaluations", "final"):
+        for rowid, genome in db.execute(f"SELECT rowid, genome FROM {table}").fetchall():
+            db.execute(f"UPDATE {table} SET genome = ? WHERE rowid = ?",
+                       (json.dumps({**json.loads(genome), "schema_version": 1}), rowid))
+    db.commit()
+    db.close()
+    before = (old / "search.db").read_bytes()
+    for argv in (["search", "status", old, "--json"], ["search", "motifs", old], ["search", "--resume", old],
+                 ["search", "finalize", old, "--top-k", "1", "--multiplier", "1", "--seeds", "2",
+                  "--executor", "inline"]):
+        code, out, err = cli_here(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (argv, err)
+        assert "schema version 1" in lines[0] and "re-run the search" in lines[0], lines[0]
+    assert (old / "search.db").read_bytes() == before
