@@ -606,19 +606,26 @@ def _as_version_1(genome: dict) -> dict:
     return {**genome, "schema_version": 1}
 
 
-def test_version_1_genomes_are_refused_in_one_line(checkpoint, exported, tmp_path, capsys):
-    """A version-1 genome file, and a checkpoint holding one, fail through the CLI with one line naming the schema
-    version (exit 2, no traceback). An export folder's graphs do not depend on the genome schema (the manifest's
-    genome is a description, never parsed), so an export whose manifest holds a version-1 genome still runs."""
-    import shutil
-
+def test_a_version_1_genome_file_fails_in_one_line(tmp_path):
+    """`factory genome validate` of a version-1 genome file, in a fresh process: exit 2, one line naming the schema
+    version and what changed, no traceback."""
     from factory.genome.references import reference
+    from factory.genome.schema import SCHEMA_CHANGES
 
     old = tmp_path / "old.json"
     old.write_text(json.dumps(_as_version_1(reference("transformer++").to_dict())))
-    code, out, err = run_cli(["genome", "validate", old], capsys)
-    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
-    assert "schema_version: 1 is no longer read" in err and "Traceback" not in err, err
+    proc = subprocess.run([sys.executable, "-m", "factory", "genome", "validate", str(old)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr
+    assert "schema_version: 1 is no longer read" in lines[0] and SCHEMA_CHANGES[1] in lines[0], lines[0]
+
+
+def test_version_1_genomes_are_refused_in_one_line(checkpoint, exported, tmp_path, capsys):
+    """A checkpoint holding a version-1 genome fails through the CLI with one line naming the schema version (exit
+    2, no traceback). An export folder's graphs do not depend on the genome schema (the manifest's
+    genome is a description, never parsed), so an export whose manifest holds a version-1 genome still runs."""
+    import shutil
 
     ckpt = tmp_path / "old-checkpoint"
     shutil.copytree(checkpoint, ckpt)
