@@ -111,13 +111,14 @@ class Store:
         from factory.genome.schema import SCHEMA_CHANGES
         from factory.genome.schema import SCHEMA_VERSION as GENOME_VERSION
 
-        try:
-            found = {v for (v,) in self.db.execute(
-                "SELECT DISTINCT json_extract(genome, '$.schema_version') FROM evaluations UNION "
-                "SELECT DISTINCT json_extract(genome, '$.schema_version') FROM final")}
-        except sqlite3.Error:  # a read-only database without these tables: nothing to check
-            return
-        old = sorted((v for v in found if v != GENOME_VERSION), key=str)
+        found = set()
+        for table in ("evaluations", "final"):
+            try:
+                found |= {v for (v,) in self.db.execute(
+                    f"SELECT DISTINCT json_extract(genome, '$.schema_version') FROM {table}")}
+            except sqlite3.Error:  # a read-only database without this table, or text that is not JSON
+                continue
+        old = sorted(v for v in found if isinstance(v, int) and v != GENOME_VERSION)
         if old:
             self.db.close()
             why = f" ({SCHEMA_CHANGES[old[0]]})" if old[0] in SCHEMA_CHANGES else ""
