@@ -81,7 +81,7 @@ FLOPS_TOLERANCE = 0.02  # relative
 def _counted_flops(fn) -> float:
     """Matmul FLOPs (2 per multiply-add; convolutions and SDPA included, SDPA as dense work over the keys it is
     given, as torch counts it for every backend) that torch.utils.flop_counter.FlopCounterMode counts while `fn`
-    runs. torch 2.13 has no formula for the CPU flash kernel that SDPA dispatches to here: it is given the one
+    runs, and what `fn` returned. torch 2.13 has no formula for the CPU flash kernel that SDPA dispatches to here: it is given the one
     torch uses for the other SDPA kernels."""
     from torch.utils import flop_counter
 
@@ -91,8 +91,8 @@ def _counted_flops(fn) -> float:
 
     cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        result = fn()
+    return float(counter.get_total_flops()), result
 
 
 @pytest.mark.parametrize("spec", VARIANTS)
@@ -103,16 +103,16 @@ def test_flops_match_the_counted_work(spec):
     op = _build(spec)
     torch.manual_seed(2)
     x = torch.randn(1, CONTEXT + 1, D_MODEL)
-    prefill = _counted_flops(lambda: op.prefill(x[:, :CONTEXT])) / CONTEXT
-    _, state = op.prefill(x[:, :CONTEXT])
+    prefill, (_, state) = _counted_flops(lambda: op.prefill(x[:, :CONTEXT]))
+    prefill /= CONTEXT
     position = torch.full((1, 1), CONTEXT, dtype=torch.long)
-    decode = _counted_flops(lambda: op.step(x[:, CONTEXT:], position, state))
+    decode, _ = _counted_flops(lambda: op.step(x[:, CONTEXT:], position, state))
     f = registry.flops(D_MODEL, spec, CONTEXT)
     assert prefill > 0 and decode > 0
     for what, formula, counted in (("prefill", f.prefill, prefill), ("decode", f.decode, decode)):
         error = abs(formula - counted) / counted
         assert error <= FLOPS_TOLERANCE, (
-            f"{what}: flops() {formula:,.0f} per token, counted {counted:,.0f} ({error:+.1%} off, "
+            f"{what}: flops() {formula:,.0f} per token, counted {counted:,.0f} ({(formula - counted) / counted:+.1%}, "
             f"margin {FLOPS_TOLERANCE / error:.2g}x)")
 
 
