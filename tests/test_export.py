@@ -630,7 +630,7 @@ def test_version_1_genomes_are_refused_in_one_line(checkpoint, exported, tmp_pat
     ckpt = tmp_path / "old-checkpoint"
     shutil.copytree(checkpoint, ckpt)
     (ckpt / "genome.json").write_text(json.dumps(_as_version_1(json.loads((ckpt / "genome.json").read_text()))))
-    for argv in (["export", ckpt, "--out", tmp_path / "never"], ["generate", ckpt, "Hi", "--max-new", "2"]):
+    for argv in (["export", ckpt, "--out", tmp_path / "never"], ["generate", ckpt, "--prompt", "Hi", "--max-new", "2"]):
         code, out, err = run_cli(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "schema_version: 1" in err, (argv, err)
     assert not (tmp_path / "never").exists()
@@ -639,6 +639,6 @@ def test_version_1_genomes_are_refused_in_one_line(checkpoint, exported, tmp_pat
     shutil.copytree(exported, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "genome": _as_version_1(manifest["genome"])}))
-    code, out, err = run_cli(["generate", folder, "ROMEO:", "--max-new", "4", "--json"], capsys)
+    code, out, err = run_cli(["generate", folder, "--prompt", "ROMEO:", "--max-new", "4", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["text"] == runtime.generate(exported, "ROMEO:", 4, seed=0, temperature=0.8, top_k=40)
