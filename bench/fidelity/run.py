@@ -1,9 +1,10 @@
 """Search fidelity benchmark: does the search's short training budget rank genomes like a 10x longer one?
 
-Every genome (all references, then random samples of the 8-layer / width-128 / context-256 search space, distinct
-by hash) is trained at --tokens and at --multiplier x --tokens, --seeds seeds each, and scored by the MAD proxy
-(mean accuracy over the MAD tasks after --mad-steps steps). Reported: Spearman and Kendall between the two budgets'
-val bpb (seed means), the seed-to-seed spread and order flips at each budget, and MAD vs the long-budget bpb.
+Every genome (all references, Perceiver-AR with fewer latents than --seq-len so that it differs from full
+attention, then random samples of the 8-layer / width-128 / context-256 search space, distinct by hash) is trained
+at --tokens and at --multiplier x --tokens, --seeds seeds each, and scored by the MAD proxy (mean accuracy over
+the MAD tasks after --mad-steps steps). Reported: Spearman and Kendall between the two budgets' val bpb (seed
+means), the seed-to-seed spread and order flips at each budget, and MAD vs the long-budget bpb.
 Goal: Spearman >= 0.8.
 
     .venv/bin/python bench/fidelity/run.py [--tokens 200000] [--multiplier 10] [--seeds 2] [--genomes 16]
@@ -41,8 +42,23 @@ from factory.train import TrainConfig, mad_score, train
 GOAL = 0.8
 
 
-def pick_genomes(n: int) -> list:
-    """References first, then random search-space samples (seed 0, 1, ...), skipping duplicate hashes."""
+def perceiver_genome(seq_len: int):
+    """The perceiver-ar reference with fewer latents than the training windows' length, so that it is trained and
+    scored as Perceiver-AR (with latents >= seq_len every position is a latent: plain full attention). Its latent
+    count is the largest of the search space's values below seq_len (seq_len // 2 if none is)."""
+    from factory.genome.codec import GLOBAL_DOMAINS
+
+    ref = reference_genomes()["perceiver-ar"]
+    if ref.latents < seq_len:
+        return ref
+    below = [v for v in GLOBAL_DOMAINS["latents"] if 0 < v < seq_len]
+    latents = max(below) if below else max(1, seq_len // 2)
+    return replace(ref, latents=latents, name=f"perceiver-ar-{latents}").validate()
+
+
+def pick_genomes(n: int, seq_len: int = 128) -> list:
+    """transformer++, Perceiver-AR on the same layers (latents below seq_len: `perceiver_genome`), the other
+    references, then random search-space samples (seed 0, 1, ...), skipping duplicate hashes."""
     out, seen = [], set()
 
     def add(g):
@@ -50,7 +66,11 @@ def pick_genomes(n: int) -> list:
             seen.add(g.hash())
             out.append(g)
 
-    for g in reference_genomes().values():
+    refs = reference_genomes()
+    add(refs.pop("transformer++"))
+    refs.pop("perceiver-ar")
+    add(perceiver_genome(seq_len))
+    for g in refs.values():
         add(g)
     space = SearchSpace.create(n_layers=8, d_model=128, context=256)
     seed = 0
@@ -85,8 +105,10 @@ class Cache:
 
     def put(self, row: dict) -> None:
         self.rows[row["key"]] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self.path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"  # a line cut short by a kill
+            f.write((("\n" if cut else "") + json.dumps(row) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -357,7 +379,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = machine()
     corpus = load_corpus(args.corpus)
-    genomes = pick_genomes(args.genomes)
+    genomes = pick_genomes(args.genomes, args.seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = Cache(args.out / "cache.jsonl")
     print(f"{len(genomes)} genomes, budgets {args.tokens:,} and {args.tokens * args.multiplier:,} tokens, "

@@ -26,11 +26,13 @@ class SearchSpace:
         context: int = 256,
         n_classes: int = 4,
         norm: str = "rmsnorm",
-        latents: int | None = 0,
+        latents: int | None = None,
         tie_embeddings: bool = True,
         families: tuple[str, ...] | None = None,
     ) -> "SearchSpace":
-        """Freeze the global genes (None for `latents` lets evolution choose the Perceiver-AR window)."""
+        """Freeze the global genes. `latents` is left free by default (None): evolution samples and mutates the
+        Perceiver-AR latent count like any other gene, and repair switches it off where layer 0 cannot be its dense
+        attention cross-attention or the count is not below the context. An int freezes it (0: no Perceiver-AR)."""
         codec = GenomeCodec(n_layers=n_layers, n_classes=n_classes)
         frozen = {"d_model": d_model, "context": context, "norm": norm, "tie_embeddings": tie_embeddings}
         if latents is not None:

@@ -38,8 +38,10 @@ def build_space(config: SearchConfig) -> SearchSpace:
         if value not in domain:
             raise FactoryError(f"{flag} {value} is not one of the space's values: {', '.join(map(str, domain))}")
     try:
+        # latents=None: the Perceiver-AR latent count is a gene like any other (repair switches it off where layer 0
+        # cannot be its dense attention cross-attention, or where it is not below the context).
         return SearchSpace.create(n_layers=config.n_layers, d_model=config.d_model, context=config.context,
-                                  n_classes=config.n_classes, families=resolve_families(config.families))
+                                  n_classes=config.n_classes, latents=None, families=resolve_families(config.families))
     except GenomeError as e:
         raise FactoryError(f"search space: {e}") from None
 

@@ -102,7 +102,28 @@ class Store:
                     self.db.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {decl}")
             if (self.get_meta("schema_version") or 0) < SCHEMA_VERSION:
                 self.set_meta("schema_version", SCHEMA_VERSION)
+        self._refuse_old_genomes()
         self.db.row_factory = _row
+
+    def _refuse_old_genomes(self) -> None:
+        """A database whose genomes are of an older genome schema is refused in one line (FactoryError)."""
+        from factory.errors import FactoryError
+        from factory.genome.schema import SCHEMA_CHANGES
+        from factory.genome.schema import SCHEMA_VERSION as GENOME_VERSION
+
+        found = set()
+        for table in ("evaluations", "final"):
+            try:
+                found |= {v for (v,) in self.db.execute(
+                    f"SELECT DISTINCT json_extract(genome, '$.schema_version') FROM {table}")}
+            except sqlite3.Error:  # a read-only database without this table, or text that is not JSON
+                continue
+        old = sorted(v for v in found if isinstance(v, int) and v != GENOME_VERSION)
+        if old:
+            self.db.close()
+            why = f" ({SCHEMA_CHANGES[old[0]]})" if old[0] in SCHEMA_CHANGES else ""
+            raise FactoryError(f"{self.path}: its genomes are of schema version {old[0]}, which this version no "
+                               f"longer reads{why}; re-run the search with this version")
 
     def close(self) -> None:
         self.db.close()
