@@ -249,8 +249,9 @@ def test_cli_module_imports_nothing_heavy_at_module_level():
 
 
 def test_static_only_search_never_evaluates_a_hash_twice_and_reuses_across_generations(tmp_path):
-    config = SearchConfig(n_layers=2, d_model=32, context=64, families=("glu",), objectives=("params", "cache"),
-                          population=6, generations=6, seed=3)
+    # one GLU layer in one class slot: a space of a few dozen genomes, so later generations meet earlier ones
+    config = SearchConfig(n_layers=1, n_classes=1, d_model=32, context=64, families=("glu",),
+                          objectives=("params", "cache"), population=6, generations=6, seed=3)
     result = start_search(config, tmp_path / "run")
     db = sqlite3.connect(tmp_path / "run" / "search.db")
     assert db.execute("SELECT COUNT(*) FROM (SELECT hash FROM evaluations GROUP BY hash HAVING COUNT(*) > 1)").fetchone()[0] == 0
