@@ -160,31 +160,43 @@ class Attention(LIVOperator):
         lam2 = torch.exp((self.lambda_q2 * self.lambda_k2).sum())
         return lam1 - lam2 + self.lambda_init
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dist: torch.Tensor, allowed) -> torch.Tensor:
-        """Scores, mask, softmax and the value read-out, in blocks or not.
-
-        q: [B, H_kv, rep, *N, Q, dh] (pre-scaled); k, v: [B, H_kv, *N, K, dh]; dist: query minus key position,
-        broadcastable to [*N, Q, K] (for ALiBi); allowed: bool, broadcastable to [B, 1, 1, *N, Q, K].
-        Returns [B, H', *N, Q, dv]: H' = H, dv = dh (plain) or H' = H / 2, dv = 2 dh (differential).
-        """
-        scores = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2))  # [B, H_kv, rep, *N, Q, K]
+    def _probs(self, scores: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor, heads_shape) -> torch.Tensor:
+        """ALiBi bias, mask and softmax; `heads_shape`: how the head axes of `scores` split H (for the slopes)."""
         if self.slopes is not None:
-            extra = (1,) * (scores.dim() - 3)
-            scores = scores - self.slopes.to(scores.dtype).view(self.kv_heads, self.rep, *extra) * dist.to(scores.dtype)
-        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        if not self.differential:
-            return torch.matmul(p, v.unsqueeze(2)).flatten(1, 2)
-        # (A_g - lambda A_{g + H/2}) V'_g with V'_g = [v_{g // rep} | v_{(g + H/2) // rep}]: with an even KV head
-        # count the first half of the differential heads reads the first half of the KV heads (rep per KV head),
-        # and the second value half the second; with one KV head (MQA) every head reads it twice.
-        p = p.flatten(1, 2)
+            extra = (1,) * (scores.dim() - 1 - len(heads_shape))
+            scores = scores - self.slopes.to(scores.dtype).view(*heads_shape, *extra) * dist.to(scores.dtype)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    def _difference(self, p: torch.Tensor) -> torch.Tensor:
+        """A_g - lambda A_{g + H/2} for p with the H heads on axis 1."""
         half = self.heads // 2
-        m = p[:, :half] - self._lambda().to(p.dtype) * p[:, half:]  # [B, H/2, *N, Q, K]
-        groups = max(self.kv_heads // 2, 1)
-        vv = torch.cat([v[:, :groups], v[:, self.kv_heads - groups :]], dim=-1)  # [B, groups, *N, K, 2 dh]
-        o = torch.matmul(m.unflatten(1, (groups, half // groups)), vv.unsqueeze(2)).flatten(1, 2)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-        return (1.0 - self.lambda_init) * o
+        return p[:, :half] - self._lambda().to(p.dtype) * p[:, half:]
+
+    def _head_norm(self, o: torch.Tensor) -> torch.Tensor:
+        """The differential heads' RMSNorm over their 2 dh channels and the (1 - lambda_init) scale."""
+        return (1.0 - self.lambda_init) * (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + NORM_EPS))
+
+    def _per_head(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys for each query head ([B, H, T, dh]) and values for each output head: [B, H, T, dh] (plain) or
+        V'_g = [v_{g // rep} | v_{(g + H/2) // rep}], [B, H/2, T, 2 dh] (differential). Gathers along the head axis,
+        so the parallel form's matmuls never broadcast (a broadcast batched matmul reshapes an expanded tensor,
+        which guards the exported length)."""
+        device = k.device
+        heads = torch.arange(self.heads, device=device)
+        if self.rep > 1:
+            k = k.index_select(1, heads // self.rep)
+        if not self.differential:
+            return k, (v.index_select(1, heads // self.rep) if self.rep > 1 else v)
+        half = torch.arange(self.heads // 2, device=device)
+        va = v.index_select(1, half // self.rep)
+        vb = v.index_select(1, (half + self.heads // 2) // self.rep)
+        return k, torch.cat([va, vb], dim=-1)
+
+    def _read(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """p: probabilities [B, H, *N, Q, K]; v from `_per_head`: [B, H', *N, K, dv] -> [B, H', *N, Q, dv]."""
+        if not self.differential:
+            return torch.matmul(p, v)
+        return self._head_norm(torch.matmul(self._difference(p), v))
 
     def _merge(self, o: torch.Tensor) -> torch.Tensor:
         """[B, H', T, dv] -> [B, T, d]."""
@@ -194,11 +206,12 @@ class Attention(LIVOperator):
     # -- parallel form -----------------------------------------------------------------------------------------
     def _dense(self, q, k, v) -> torch.Tensor:
         """Full causal attention; q [B, H, T, dh]; k, v [B, H_kv, T, dh]."""
-        b, _, t, dh = q.shape
+        t = q.shape[2]
         idx = torch.arange(t, device=q.device)
         dist = idx.unsqueeze(1) - idx.unsqueeze(0)  # [T, T]: i - j
-        qg = q.reshape(b, self.kv_heads, self.rep, t, dh)
-        return self._merge(self._attend(qg, k, v, dist, dist >= 0))
+        k, v = self._per_head(k, v)
+        p = self._probs(torch.matmul(q, k.transpose(-1, -2)), dist, dist >= 0, (self.heads,))  # [B, H, T, T]
+        return self._merge(self._read(p, v))
 
     def _blocked(self, q, k, v) -> torch.Tensor:
         """Sliding-window attention in query blocks of L, each against its K = W + L - 1 keys (module docstring).
@@ -211,20 +224,21 @@ class Attention(LIVOperator):
         block, keys = min(w, BLOCK), w + min(w, BLOCK) - 1
         n = (t + block - 1) // block
         pad = n * block - t
-        qb = F.pad(q, (0, 0, 0, pad)).reshape(b, self.kv_heads, self.rep, n, block, dh)
+        k, v = self._per_head(k, v)
+        qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (n, block))  # [B, H, n, L, dh]
         # Key slot s of block c holds position c L + s - (W - 1): W - 1 zeros on the left, padding to n L on the right.
         start = torch.arange(n, device=q.device) * block
         index = (start.unsqueeze(1) + torch.arange(keys, device=q.device)).flatten()  # [n K]
-        kb = F.pad(k, (0, 0, w - 1, pad)).index_select(2, index).unflatten(2, (n, keys))  # [B, H_kv, n, K, dh]
-        vb = F.pad(v, (0, 0, w - 1, pad)).index_select(2, index).unflatten(2, (n, keys))
+        kb = F.pad(k, (0, 0, w - 1, pad)).index_select(2, index).unflatten(2, (n, keys))  # [B, H, n, K, dh]
+        vb = F.pad(v, (0, 0, w - 1, pad)).index_select(2, index).unflatten(2, (n, keys))  # [B, H', n, K, dv]
         r = torch.arange(block, device=q.device).unsqueeze(1)
         s = torch.arange(keys, device=q.device).unsqueeze(0)
         dist = r - s + (w - 1)  # [L, K]: query position minus key position, the same in every block
         band = (dist >= 0) & (dist < w)
         real = (index >= w - 1).view(n, 1, keys)  # key positions >= 0
-        o = self._attend(qb, kb, vb, dist, band & real)  # [B, H', n, L, dv]
-        o = o.flatten(2, 3).index_select(2, torch.arange(t, device=q.device))
-        return self._merge(o)
+        p = self._probs(torch.matmul(qb, kb.transpose(-1, -2)), dist, band & real, (self.heads,))  # [B, H, n, L, K]
+        o = self._read(p, vb).flatten(2, 3)  # [B, H', n L, dv]
+        return self._merge(o.index_select(2, torch.arange(t, device=q.device)))
 
     def prefill(self, x, publish=None, reuse=None) -> tuple[torch.Tensor, State]:
         positions = torch.arange(x.shape[1], device=x.device)
@@ -265,13 +279,22 @@ class Attention(LIVOperator):
         dist = torch.arange(n - 1, -1, -1, device=x.device)
         if self.window > 0:
             # Slots before position 0 (left padding of a short prompt) are invalid: tensor ops, no branching.
-            allowed = (dist.unsqueeze(0) <= position).view(b, 1, 1, 1, n)
+            allowed = (dist.unsqueeze(0) <= position).view(b, 1, 1, n)
         else:
             allowed = torch.ones((), dtype=torch.bool, device=x.device)
         # The query heads of one KV head become query rows, so the cache is never repeated.
-        qg = q.reshape(b, self.kv_heads, self.rep, 1, self.head_dim)
-        o = self._attend(qg, k, v, dist, allowed)  # [B, H', 1, dv]
-        return self.out(self._merge(o)), new_state
+        qg = q.reshape(b, self.kv_heads, self.rep, self.head_dim)
+        p = self._probs(torch.matmul(qg, k.transpose(-1, -2)), dist, allowed, (self.kv_heads, self.rep))
+        if not self.differential:
+            o = torch.matmul(p, v)  # [B, H_kv, rep, dh]
+        else:
+            # With an even KV head count the first half of the differential heads reads the first half of the KV
+            # heads (rep per KV head) and V'_g's second half the second; with one KV head (MQA) it is read twice.
+            m = self._difference(p.reshape(b, self.heads, n))  # [B, H/2, n]
+            groups = max(self.kv_heads // 2, 1)
+            vv = torch.cat([v[:, :groups], v[:, self.kv_heads - groups :]], dim=-1)  # [B, groups, n, 2 dh]
+            o = self._head_norm(torch.matmul(m.reshape(b, groups, -1, n), vv))  # [B, groups, H/2 / groups, 2 dh]
+        return self.out(o.reshape(b, 1, self.d_model)), new_state
 
     # -- shapes and costs --------------------------------------------------------------------------------------
     @classmethod
