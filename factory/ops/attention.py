@@ -29,7 +29,8 @@ Parallel form, loop-free over time (exports with a dynamic length):
 - window W: blocked. Queries are split into blocks of L = min(W, BLOCK) (the length padded up to a multiple of L);
   block c (positions cL .. cL + L - 1) gathers the K = W + L - 1 keys/values at positions cL - W + 1 .. cL + L - 1
   (keys before position 0 are zero padding, masked), so scores are [H, T/L, L, K]: O(T (W + L)), no [T, T] tensor.
-  The band mask and the ALiBi bias depend only on (L, K) and W; one [T/L, K] mask drops the left padding.
+  The additive mask ([T/L, L, K], [H, T/L, L, K] with ALiBi: the band, the left padding, the bias) depends on the
+  length and the spec only, so layers with the same window and slopes share one in the exported graph.
 
 Decode state (keys stored after RoPE, so a step never re-rotates the cache):
     full attention:   {"key", "value"}: [B, H_kv, T, dh], growing by one along axis 2 each step;
@@ -160,12 +161,15 @@ class Attention(LIVOperator):
         lam2 = torch.exp((self.lambda_q2 * self.lambda_k2).sum())
         return lam1 - lam2 + self.lambda_init
 
-    def _probs(self, scores: torch.Tensor, dist: torch.Tensor, allowed: torch.Tensor, heads_shape) -> torch.Tensor:
-        """ALiBi bias, mask and softmax; `heads_shape`: how the head axes of `scores` split H (for the slopes)."""
-        if self.slopes is not None:
-            extra = (1,) * (scores.dim() - 1 - len(heads_shape))
-            scores = scores - self.slopes.to(scores.dtype).view(*heads_shape, *extra) * dist.to(scores.dtype)
-        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    def _mask(self, dist: torch.Tensor, allowed: torch.Tensor, heads_shape) -> torch.Tensor:
+        """Additive mask: the ALiBi bias -slope_h * dist where allowed, -inf elsewhere. Built from the length and
+        the spec alone in the parallel form, so layers with one window and one set of slopes share it in the
+        exported graph (one Where per distinct mask, shared_elements); `heads_shape` splits H for the slopes."""
+        neg = torch.tensor(float("-inf"), device=dist.device)
+        if self.slopes is None:
+            return torch.where(allowed, torch.zeros((), device=dist.device), neg)
+        slopes = self.slopes.view(*heads_shape, *(1,) * dist.dim())
+        return torch.where(allowed, -slopes * dist.to(slopes.dtype), neg)
 
     def _difference(self, p: torch.Tensor) -> torch.Tensor:
         """A_g - lambda A_{g + H/2} for p with the H heads on axis 1."""
@@ -210,7 +214,8 @@ class Attention(LIVOperator):
         idx = torch.arange(t, device=q.device)
         dist = idx.unsqueeze(1) - idx.unsqueeze(0)  # [T, T]: i - j
         k, v = self._per_head(k, v)
-        p = self._probs(torch.matmul(q, k.transpose(-1, -2)), dist, dist >= 0, (self.heads,))  # [B, H, T, T]
+        mask = self._mask(dist, dist >= 0, (self.heads,))  # [T, T], or [H, T, T] with ALiBi
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask.to(q.dtype), dim=-1)  # [B, H, T, T]
         return self._merge(self._read(p, v))
 
     def _blocked(self, q, k, v) -> torch.Tensor:
@@ -236,7 +241,8 @@ class Attention(LIVOperator):
         dist = r - s + (w - 1)  # [L, K]: query position minus key position, the same in every block
         band = (dist >= 0) & (dist < w)
         real = (index >= w - 1).view(n, 1, keys)  # key positions >= 0
-        p = self._probs(torch.matmul(qb, kb.transpose(-1, -2)), dist, band & real, (self.heads,))  # [B, H, n, L, K]
+        mask = self._mask(dist.unsqueeze(0), band & real, (self.heads,))  # [n, L, K], or [H, n, L, K] with ALiBi
+        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) + mask.to(q.dtype), dim=-1)  # [B, H, n, L, K]
         o = self._read(p, vb).flatten(2, 3)  # [B, H', n L, dv]
         return self._merge(o.index_select(2, torch.arange(t, device=q.device)))
 
@@ -284,7 +290,8 @@ class Attention(LIVOperator):
             allowed = torch.ones((), dtype=torch.bool, device=x.device)
         # The query heads of one KV head become query rows, so the cache is never repeated.
         qg = q.reshape(b, self.kv_heads, self.rep, self.head_dim)
-        p = self._probs(torch.matmul(qg, k.transpose(-1, -2)), dist, allowed, (self.kv_heads, self.rep))
+        mask = self._mask(dist, allowed, (self.kv_heads, self.rep))  # [B | 1, H_kv | 1, rep | 1, n]
+        p = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)) + mask.to(q.dtype), dim=-1)
         if not self.differential:
             o = torch.matmul(p, v)  # [B, H_kv, rep, dh]
         else:
@@ -352,7 +359,7 @@ class Attention(LIVOperator):
         if spec.window == 0:
             return heads * tokens * tokens
         block, keys, n = window_blocks(spec.window, tokens)
-        return n * block * keys + (heads * block * keys if spec.positional == "alibi" else 0)
+        return heads * n * block * keys
 
     @classmethod
     def _gathered_elements(cls, d_model, spec, tokens: int) -> int:
