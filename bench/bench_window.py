@@ -89,6 +89,23 @@ def time_once(session, feed) -> float:
     return time.perf_counter() - start
 
 
+def markdown(result: dict) -> str:
+    lines = [
+        "# Sliding-window vs dense causal prefill (bench/bench_window.py)", "",
+        result["what"] + ".", "",
+        "| T | W | dense ms | window ms | dense / window | masked-dense window ms | masked / window | FLOPs ratio "
+        "| parity max abs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        masked = (f"{r['masked_ms']:.2f} | {r['masked_over_window']:.2f}x" if "masked_ms" in r else "- | -")
+        lines.append(f"| {r['T']} | {r['W']} | {r['dense_ms']:.2f} | {r['window_ms']:.2f} | "
+                     f"{r['dense_over_window']:.2f}x | {masked} | {r['flops_ratio']:.2f} | {r['parity_max_abs']:.1e} |")
+    lines += ["", f"Parity (each windowed graph vs a float64 dense masked reference) within {PARITY_TOL:g}: "
+              f"{'yes' if result['parity_ok'] else 'NO'}.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
@@ -157,21 +174,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        "# Sliding-window vs dense causal prefill (bench/bench_window.py)", "",
-        result["what"] + ".", "",
-        "| T | W | dense ms | window ms | dense / window | masked-dense window ms | masked / window | FLOPs ratio "
-        "| parity max abs |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['T']} | {r['W']} | {r['dense_ms']:.2f} | {r['window_ms']:.2f} | "
-                     f"{r['dense_over_window']:.2f}x | {r.get('masked_ms', float('nan')):.2f} | "
-                     f"{r.get('masked_over_window', float('nan')):.2f}x | {r['flops_ratio']:.2f} | "
-                     f"{r['parity_max_abs']:.1e} |")
-    lines += ["", f"Parity (each windowed graph vs a float64 dense masked reference) within {PARITY_TOL:g}: "
-              f"{'yes' if ok else 'NO'}.", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    args.out.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
     if not ok:
         raise SystemExit("parity lost")
