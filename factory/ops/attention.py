@@ -25,7 +25,12 @@ So keys and values are exactly plain attention's at the same head count (the sam
 cost per key is the same as plain attention's: QK^T over H heads of dh and one [H/2, 2 dh] product with V'.
 
 Parallel form, loop-free over time (exports with a dynamic length):
-- full attention: explicit q k^T over every key, a causal [T, T] mask (and [H, T, T] ALiBi bias), softmax, A v.
+- full attention: explicit q k^T over every key plus an additive causal [T, T] mask ([H, T, T] with the ALiBi
+  bias), softmax, A v (explicit matmuls, not SDPA: the exported graph computes them so anyway, and they are what
+  `flops` counts; torch's FLOP counter sees none in CPU SDPA).
+- GQA: the parallel form gathers keys/values per query head along the head axis (a broadcast batched matmul would
+  guard the exported length); the step makes a KV head's query heads rows of one matmul, so the cache is never
+  repeated.
 - window W: blocked. Queries are split into blocks of L = min(W, BLOCK) (the length padded up to a multiple of L);
   block c (positions cL .. cL + L - 1) gathers the K = W + L - 1 keys/values at positions cL - W + 1 .. cL + L - 1
   (keys before position 0 are zero padding, masked), so scores are [H, T/L, L, K]: O(T (W + L)), no [T, T] tensor.
@@ -38,7 +43,8 @@ Decode state (keys stored after RoPE, so a step never re-rotates the cache):
                       left-padded with zeros while fewer than W tokens have been seen. The step always rolls
                       (cat + slice) and masks the padding from the position tensor, so the decode graph is static.
 A window >= context is kept (not repaired to 0): it computes the same thing as full attention within the
-context, but its cache stays a fixed [B, H_kv, W, dh] tensor, bounded for generation past the context.
+context, but its cache stays a fixed [B, H_kv, W, dh] tensor, bounded for generation past the context (and its
+blocked prefill scores K = W + L - 1 keys per query, padding included, which `flops` says).
 
 Feature sharing (`feature_kinds = ("key", "value")`): a producer publishes its post-RoPE keys/values in the
 state layout ([B, H_kv, T, dh] from prefill, the updated cache from step); a consumer (`reuse_features=True`,
@@ -48,8 +54,8 @@ matrix; values, lambdas and W_out stay per layer. A consumer has no k_proj (None
 consumers (the genome never mixes producers and consumers in one set) points q_proj at the first member's and sets
 None over None.
 
-Costs, with n(i) = keys token i's scores are computed for: T for full attention (every key, then masked), K for
-a window (per block, padding included), W for a windowed step, T + 1 for a full step. Parameters: d^2 (q)
+Costs, with n(i) = keys token i's scores are computed for: T for full attention (every key, then masked), on
+average ceil(T / L) L K / T for a window (padding included), W for a windowed step, T + 1 for a full step. Parameters: d^2 (q)
 + 2 d H_kv dh (k, v; none for a consumer) + 4 dh (lambdas, differential) + the output channel mixing. FLOPs per
 token: the projections + 4 d n(i) (QK^T: 2 d n; A v or (A_1 - lambda A_2) V': 2 d n).
 """
