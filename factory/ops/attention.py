@@ -25,9 +25,10 @@ So keys and values are exactly plain attention's at the same head count (the sam
 cost per key is the same as plain attention's: QK^T over H heads of dh and one [H/2, 2 dh] product with V'.
 
 Parallel form, loop-free over time (exports with a dynamic length):
-- full attention: explicit q k^T over every key plus an additive causal [T, T] mask ([H, T, T] with the ALiBi
-  bias), softmax, A v (explicit matmuls, not SDPA: the exported graph computes them so anyway, and they are what
-  `flops` counts; torch's FLOP counter sees none in CPU SDPA).
+- full attention: q k^T over every key plus an additive causal [T, T] mask ([H, T, T] with the ALiBi bias),
+  softmax, A v. Plain attention without ALiBi runs PyTorch's fused SDPA (is_causal), which keeps no [T, T] scores
+  in training memory; the exporter decomposes it into the same dense product and mask, which is what `flops`
+  counts (torch's own dense SDPA formula, tests/test_ops.py). Differential and ALiBi layers write it out.
 - GQA: the parallel form gathers keys/values per query head along the head axis (a broadcast batched matmul would
   guard the exported length); the step makes a KV head's query heads rows of one matmul, so the cache is never
   repeated.
@@ -220,6 +221,10 @@ class Attention(LIVOperator):
         idx = torch.arange(t, device=q.device)
         dist = idx.unsqueeze(1) - idx.unsqueeze(0)  # [T, T]: i - j
         k, v = self._per_head(k, v)
+        if not self.differential and self.slopes is None:
+            # PyTorch's fused kernel keeps no [T, T] scores in training memory; the exporter decomposes it into
+            # the dense product and causal mask written out below, so the costs are the same dense T x T work.
+            return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0))
         mask = self._mask(dist, dist >= 0, (self.heads,))  # [T, T], or [H, T, T] with ALiBi
         p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask.to(q.dtype), dim=-1)  # [B, H, T, T]
         return self._merge(self._read(p, v))
