@@ -299,3 +299,32 @@ def test_windowed_form_exports_blocked_with_a_dynamic_length(tmp_path):
         if t == 1000:
             largest = max(v.size for v in values)
             assert largest < t * t / 4, f"an intermediate has {largest} elements at T={t}"
+
+
+def test_genome_show_reports_a_differential_transformer_cache_equal_to_plain_attention(tmp_path):
+    """`factory genome show` on transformer++ with its attention made differential: the same cache bytes at the
+    target's context, and exactly the lambda vectors (4 dh per attention layer) more parameters."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from factory.genome.references import reference_genomes
+
+    plain = reference_genomes()["transformer++"]
+    classes = tuple(c.with_(differential=True) if c.family == "attention" else c for c in plain.classes)
+    diff = replace(plain, classes=classes, name="diff-transformer")
+    path = tmp_path / "diff.json"
+    path.write_text(diff.to_json())
+
+    def show(genome):
+        proc = subprocess.run([sys.executable, "-m", "factory", "genome", "show", genome, "--json", "--seq-len", "512"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    a, b = show("transformer++"), show(str(path))
+    assert b["cache_bytes"] == a["cache_bytes"] > 0
+    attention_layers = sum(plain.layer_spec(i).family == "attention" for i in range(plain.n_layers))
+    head_dim = plain.d_model // classes[0].heads
+    assert b["params"] - a["params"] == attention_layers * 4 * head_dim
