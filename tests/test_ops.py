@@ -7,6 +7,7 @@ from factory.ops import registry
 
 D_MODEL = 64
 CONTEXT = 64
+DECODE_TOLERANCE = 1e-4  # token-by-token decode vs the parallel form, max abs over the outputs
 
 
 def _variants():
@@ -55,7 +56,8 @@ def test_decode_matches_parallel_form(spec):
     for prompt in (1, 7):
         stepped, _ = _decode(op, x, prompt)
         err = (stepped - full).abs().max().item()
-        assert err <= 1e-4, f"prompt={prompt}: max abs diff {err:.2e}"
+        assert err <= DECODE_TOLERANCE, (
+            f"prompt={prompt}: max abs diff {err:.2e}, margin {DECODE_TOLERANCE / max(err, 1e-30):.2g}x")
 
 
 @pytest.mark.parametrize("spec", VARIANTS)
