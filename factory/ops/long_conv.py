@@ -31,10 +31,9 @@ is cut into n = ceil(T/C) chunks of C = 64 tokens; chunk i of the output is sum_
 batched MatMul of the gathered chunks [B, d, n, n*C] by the gathered filter blocks [d, n*C, C] (the pairs m > i
 multiply zero chunks: 2 d T^2 FLOPs at T = n C, twice the causal half's). FFT through ONNX
 DFT (`fft_causal_conv`, safari's fftconv) computes the same; bench/bench_hyena.py measures both exported forms in
-onnxruntime (bench/results/hyena_conv.md; d_model 128, one thread: fft / blocked = 1.34, 1.01, 0.93 at T = 512,
-2048, 4096, a single Conv1d of T taps 1.7 to 5x slower than blocked). The blocked form is used (PARALLEL_FORM): it
-is faster or level up to 2048 and within 7% at 4096, its work is MatMuls that FlopCounterMode counts, and
-export/onnx_export.py refuses DFT graphs (no CUDA kernel; float16 targets).
+onnxruntime (results in bench/results/hyena_conv.md). The blocked form is used (PARALLEL_FORM): in that benchmark
+it is faster than or level with FFT at the contexts targets use, its work is MatMuls that FlopCounterMode counts,
+and export/onnx_export.py refuses DFT graphs (no CUDA kernel; float16 targets).
 
 Decode state: "value" [B, L-1, d], the last L-1 gated inputs u (what the filter reaches), rolled every step, and
 "short" [B, 2, 3d], the last two pre-conv projections of the short filters. A step is the dot product of the

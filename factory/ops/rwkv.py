@@ -18,7 +18,7 @@ This is RWKV-6's time mixing as in Peng et al. 2024 ("Eagle and Finch", arXiv 24
 RWKV_Tmix_x060 (its one [D, 5 R_m] ddlerp down-projection with one tanh is the five [D, R_m] ones here; the branch
 order differs, nothing else). Two deviations, both immaterial: d + tanh(..) E is clamped to [-20, ln 20], i.e.
 log w to [-20, -2e-9] (a decay below e^-20 ~ 2e-9 forgets the state all the same; the other end keeps exp() out
-of denormal range, which made a CPU decode step ~50x slower, and differs from 1 by < 2e-9), and RWKV-LM's
+of denormal range, which made a CPU decode step many times slower, and differs from 1 by < 2e-9), and RWKV-LM's
 initialisation depends on the layer's relative depth (layer / n_layer), which an operator does not know: every layer is initialised as RWKV-LM's
 middle layer.
 
