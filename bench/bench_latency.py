@@ -102,7 +102,7 @@ def masks_per_layer(genome, prefill_features: dict, prompt_length: int) -> dict:
 
 QUANTITIES = {"decode_p50": "decode", "decode_p95": "decode", "prefill_p50": "prefill", "prefill_min": "prefill"}
 # A genome's measured value of each quantity over its passes: the aggregate whose odd and even halves agreed most
-# often in five sessions' runs (bench/pass_noise.py; bench/README.md, "Drift-corrected prefill"). A decode step
+# often in five sessions' runs (bench/research/pass_noise.py; bench/research/NOTES.md). A decode step
 # only ever gets slower: the lowest pass. Prefill also drifts with the machine's speed for minutes: the median of
 # the drift-corrected passes.
 AGGREGATES = {"decode_p50": "lowest", "decode_p95": "lowest",

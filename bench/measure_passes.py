@@ -6,11 +6,11 @@ of the previous one (so the measurements of one export are spread over the whole
 lowest value (interference only ever adds time). Exports are made before the first pass: an export is heavy
 multi-threaded work that must not share the machine with a measurement.
 
-The lowest value is not always the steadiest. Prefill (a few milliseconds of dense compute per repetition) also
-runs 10-20% slower or faster for minutes at a time, whatever is measured: the machine's speed drifts, and the
+The lowest value is not always the steadiest. Prefill (dense compute, milliseconds per repetition) also
+runs slower or faster for minutes at a time, whatever is measured: the machine's speed drifts, and the
 lowest pass is whichever one fell in a fast minute. `drift_corrected` divides each measurement by the drift of its
 moment, read off the other exports measured just before and after it; the median of the corrected passes is then
-the steadier value. Which aggregate a benchmark keeps for each quantity, and why: bench/pass_noise.py.
+the steadier value. Which aggregate a benchmark keeps for each quantity, and why: bench/research/pass_noise.py.
 """
 
 from __future__ import annotations

@@ -66,10 +66,11 @@ from factory.ops import registry
 FAMILIES = (*FAMILY_ORDER, "latent_cross")
 HEAD = "head"
 # Where the written-MB features split "stays in cache" from "streams": 256 KB is within the L2 of a core on
-# current CPUs (256 KB-2 MB); held-out accuracy moved little for splits from 16 KB to 4 MB (bench/README.md).
+# current CPUs (256 KB-2 MB); the exact split point matters little to held-out accuracy
+# (bench/research/NOTES.md).
 SMALL_TENSOR_BYTES = 256 * 1024
 # Matrix products with a side under this are "narrow": narrower than one 16-column panel of the GEMM kernel
-# (what the narrow term adds to held-out accuracy: bench/README.md).
+# (what the narrow term adds to held-out accuracy: bench/research/NOTES.md).
 NARROW_PRODUCT_DIM = 16
 _MATMULS = {torch.ops.aten.mm: (0, 1), torch.ops.aten.addmm: (1, 2), torch.ops.aten.bmm: (0, 1),
             torch.ops.aten.baddbmm: (1, 2)}  # the operands' positions; nn.Linear and matmul reach these

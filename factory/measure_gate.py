@@ -1,11 +1,12 @@
 """A machine-wide gate that keeps heavy work off the cores while a latency measurement runs.
 
 A search trains and exports candidates in several worker processes while others measure exported candidates with
-onnxruntime. Measured beside that work, latency comes out slower by a random amount (`bench/bench_gate.py`
-measures how much), and the search would rank candidates by noise. So a measurement runs inside `measuring()`
-(the search's profile stage, `factory profile`, a run's re-measurement of its winners), and heavy work (each
-training step, each export of the search) inside `working()`: while a measurement holds the gate, new work
-waits; the measurement waits only for the work already running. Measurements also exclude each other.
+onnxruntime. Measured beside that work, latency comes out slower by a random amount
+(`bench/research/bench_gate.py` measures how much), and the search would rank candidates by noise. So a
+measurement runs inside `measuring()` (the search's profile stage, `factory profile`, a run's re-measurement
+of its winners), and heavy work (each training step, each export of the search) inside `working()`: while a
+measurement holds the gate, new work waits; the measurement waits only for the work already running.
+Measurements also exclude each other.
 
 Two lock files in the temp folder, taken with flock: a turnstile, which a measurement holds exclusively from
 before it waits until it is done (work passes through it shared, so new work queues behind a waiting

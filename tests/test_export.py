@@ -3,7 +3,7 @@ runtime and the CLI's one-line errors.
 
 Budget: the dynamo exporter costs seconds per layer, so the reference sweep shrinks each reference to the layers
 that show all of its operator classes (at least two layers, width 64), keeping the class settings, the order and
-the global structure (Perceiver-AR latents included). The full-size sweep is `bench/bench_export.py --parity`.
+the global structure (Perceiver-AR latents included). The full-size sweep is part 1 of `bench/bench_export.py`.
 One tiny model is trained for a few hundred steps so the quantized bits per byte are meaningful.
 """
 

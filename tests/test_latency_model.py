@@ -391,20 +391,6 @@ def test_onnxruntime_builds_each_distinct_mask_once(tmp_path):
     assert wheres(graphs.prefill) <= masked_layers
     assert wheres(tmp_path / "optimized.onnx") == len(distinct)
 
-    # bench/latency_layer_profile.py's node-to-layer map puts each mask in the first layer that uses it (layer 0:
-    # ALiBi, layer 3: RoPE with a window; layer 2 reuses layer 0's), and every layer has nodes of its own
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "latency_layer_profile", Path(__file__).resolve().parents[1] / "bench" / "latency_layer_profile.py")
-    layer_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layer_profile)
-    layer_of = layer_profile.layer_of_node(graphs.prefill)
-    assert set(layer_of.values()) == {0, 1, 2, 3, "head"}
-    where_layers = {layer_of[n.name] for n in onnx.load(str(graphs.prefill)).graph.node if n.op_type == "Where"}
-    assert where_layers == {0, 3}
-
 
 def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_path, monkeypatch):
     """A genome measured twice counts once, at the lowest value of each statistic (interference only adds time):

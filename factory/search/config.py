@@ -37,9 +37,9 @@ MAX_DEFAULT_WORKERS = 8
 def default_workers() -> int:
     """One worker per core (up to 8), so each trains with 1 torch thread (threads = cores // workers).
 
-    Measured on a shared 2-core machine (bench/README.md): a single worker with 2 threads was 5-6x slower per
-    candidate than with 1 thread, because the small matmuls of these models gain nothing from intra-op threads
-    and oversubscribed threads spin. Parallel candidates scale instead."""
+    Measured on a shared 2-core machine (bench/README.md, search): a single worker with 2 threads was several
+    times slower per candidate than with 1 thread, because the small matmuls of these models gain nothing from
+    intra-op threads and oversubscribed threads spin. Parallel candidates scale instead."""
     from factory.search.executors import available_cores
 
     return max(1, min(MAX_DEFAULT_WORKERS, available_cores()))

@@ -3,8 +3,8 @@
 For each candidate that survives the static checks and trains, the `profile` stage exports it (ONNX, the target's
 quantization), checks parity, and measures it with onnxruntime under the target's protocol on this machine; the
 measurement is appended to the target's store. It measures inside `factory.measure_gate.measuring()`: training
-steps and exports of the other workers on this machine wait meanwhile (bench/bench_gate.py shows what measuring
-beside them does to the numbers). When this machine cannot stand in for the target (its provider
+steps and exports of the other workers on this machine wait meanwhile (bench/research/bench_gate.py shows what
+measuring beside them does to the numbers). When this machine cannot stand in for the target (its provider
 is missing here, or its instruction set differs, e.g. an arm64 board seen from an x86 host), the stage instead
 predicts from a latency model fitted on the measurements imported from the board (`factory profiles import`), and
 says so in the result. With neither, the stage fails with the way out in its reason.
@@ -26,13 +26,14 @@ from pathlib import Path
 from factory import measure_gate
 from factory.errors import FactoryError
 
-# Prefill repetitions per candidate in the search. The median of 10 runs of a few-ms prefill moved by ~25% between
-# passes on a shared machine; with 30 the lowest of five passes became stable (98% of genomes within 10%, odd vs
-# even passes, from 89%) and the latency model's held-out prefill accuracy rose (bench/README.md, latency loop).
+# Prefill repetitions per candidate in the search. The median of a few runs of a millisecond-scale prefill moves
+# with every burst of interference on a shared machine; enough runs make a genome's lowest pass repeatable and the
+# latency model's held-out prefill accuracy better (figures and command: bench/research/NOTES.md).
 PROFILE_REPEATS = 30
 # What the latency model is fitted on and what it predicts, per metric: (steady statistic, budget statistic). The
 # fastest of a profile's prefill runs moves far less between profiles than their median on a shared machine, so a
-# model fitted on it and scaled to the median predicts the median better from single profiles (bench/README.md).
+# model fitted on it and scaled to the median predicts the median better from single profiles
+# (bench/research/NOTES.md).
 STATISTICS = {"prefill": ("min", "p50"), "decode": ("p50", "p95")}
 PREFILTER_MARGIN = 1.5  # reject before training only when the prediction is this far over budget
 MIN_SAMPLES_TO_PREDICT = 8

@@ -8,7 +8,7 @@ model judged against that aggregate. No model is fitted here, so the choice of a
 Aggregates: the lowest pass, the median pass, and both again after the drift correction (each measurement divided
 by the drift of its moment, read off the --neighbours measurements of other genomes on each side in time).
 
-    .venv/bin/python bench/pass_noise.py bench/out/latency-v6/samples.json bench/out/latency-v9/samples.json ...
+    .venv/bin/python bench/research/pass_noise.py bench/out/latency-v6/samples.json bench/out/latency-v9/samples.json ...
         [--neighbours 2 3 4 6] [--out bench/out/pass-noise]
 
 Results go to --out/pass-noise.json and pass-noise.md.
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from bench_latency import QUANTITIES  # what bench_latency measures per pass
-from measure_passes import DRIFT_NEIGHBOURS, drift_corrected, odd_even_gaps  # bench/measure_passes.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the measuring helpers it shares
+
+from bench_latency import QUANTITIES  # noqa: E402  what bench_latency measures per pass
+from measure_passes import DRIFT_NEIGHBOURS, drift_corrected, odd_even_gaps  # noqa: E402
 
 
 def halves_agree(values: np.ndarray, aggregate) -> tuple[float, float]:

@@ -1,5 +1,9 @@
-"""The latency benchmarks' measuring protocol (bench/measure_passes.py): exports first, round-robin passes, resume,
-failures recorded, the lowest value kept, the machine's drift read off neighbouring measurements."""
+"""Self-check of the latency benchmarks' measuring protocol (bench/measure_passes.py): exports first, round-robin
+passes, resume, failures recorded, the lowest value kept, the machine's drift read off neighbouring measurements.
+
+Not part of the default suite (pyproject's testpaths is tests/, which never imports bench/):
+    .venv/bin/python -m pytest -q bench/test_measure_passes.py
+"""
 
 import importlib.util
 from pathlib import Path
@@ -9,8 +13,7 @@ import pytest
 
 from factory.errors import FactoryError
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("measure_passes", ROOT / "bench" / "measure_passes.py")
+_spec = importlib.util.spec_from_file_location("measure_passes", Path(__file__).resolve().parent / "measure_passes.py")
 measure_passes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(measure_passes)
 

@@ -12,7 +12,7 @@ and no model can be judged more finely than the measurement repeats. This benchm
 and reports, per setting, the noise ceiling bench_latency reports (the lowest p95 of the odd passes against the
 lowest of the even ones, within 10%), how far one genome's p95 moves across passes, and p95 / p50.
 
-    .venv/bin/python bench/decode_tail.py --exports bench/out/latency/exports [--target laptop-cpu] [--genomes 16]
+    .venv/bin/python bench/research/decode_tail.py --exports bench/out/latency/exports [--target laptop-cpu] [--genomes 16]
         [--passes 6] [--steps 200,2000,10000] [--out bench/out/decode-tail]
 
 --exports is a folder of exports (bench_latency leaves one under its --out); each is measured in the variant the
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from factory.errors import FactoryError  # noqa: E402
 from profiles import runner  # noqa: E402  (the protocol's own session, past and timing functions)
@@ -126,7 +126,7 @@ def main() -> int:
                        "p50_lowest_halves_within_10pct": float(np.mean(
                            np.abs(p50[:, 0::2].min(axis=1) / p50[:, 1::2].min(axis=1) - 1.0) <= 0.10))}
     args.out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["bench/decode_tail.py"] + sys.argv[1:])
+    command = " ".join(["bench/research/decode_tail.py"] + sys.argv[1:])
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "genomes": len(exports),
               "passes": args.passes, "target": target.name, "context": target.decode_context, "threads": THREADS,
               "wall_s": round(time.time() - t0, 1), "settings": table, "samples": samples, "command": command}

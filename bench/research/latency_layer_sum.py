@@ -6,7 +6,7 @@ profiled in --passes round-robin passes with the lowest p50 kept (bench/measure_
 measures the genomes themselves); the genome's measured latency is then compared with the sum of its layers' (each including
 the embedding and head, so a fitted a * sum + b, cross-validated, is reported beside the raw ratio).
 
-    .venv/bin/python bench/latency_layer_sum.py --samples bench/out/latency --genomes 16 --threads 1 [--passes 10]
+    .venv/bin/python bench/research/latency_layer_sum.py --samples bench/out/latency --genomes 16 --threads 1 [--passes 10]
 
 Writes <out>/layer_sum.json (default bench/out/latency-layer-sum/).
 """
@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from measure_passes import export_all, lowest, measure_in_passes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the measuring helpers it shares
+
+from measure_passes import export_all, lowest, measure_in_passes  # noqa: E402
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ In a search, one worker measures a candidate while the others train theirs. The 
 3. reports, per quantity, the share of single measurements within +-10% of the reference and their median ratio
    to it, gated and ungated, and the time a gated measurement holds the trainer.
 
-    .venv/bin/python bench/bench_gate.py [--target laptop-cpu] [--threads 1] [--genomes 24] [--passes 5]
+    .venv/bin/python bench/research/bench_gate.py [--target laptop-cpu] [--threads 1] [--genomes 24] [--passes 5]
         [--exports bench/out/latency/exports]
 
 Writes --out/gate.json and gate.md (default bench/out/gate/).
@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from measure_passes import distinct_samples, export_all, lowest, measure_in_passes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the measuring helpers it shares
+
+from measure_passes import distinct_samples, export_all, lowest, measure_in_passes  # noqa: E402
 
 QUANTITIES = ("decode_p50", "decode_p95", "prefill_p50")
 
@@ -148,7 +150,7 @@ def main() -> int:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "summary": summary,
               "gated_measurement_s": {"median": float(np.median(held)), "max": float(max(held))},
               "rows": rows, "wall_s": round(time.time() - t0, 1),
-              "command": " ".join(["bench/bench_gate.py"] + sys.argv[1:])}
+              "command": " ".join(["bench/research/bench_gate.py"] + sys.argv[1:])}
     (args.out / "gate.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Measurement gate on {target.name} ({target.threads} thread(s)), beside a training process", "",
              f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. Command: "

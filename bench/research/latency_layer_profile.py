@@ -14,7 +14,7 @@ time is its share of the kernel time times the genome's lowest measured prefill 
 3. masked attention layers: whether a Where over the mask ran in the layer (more than 1% of its time) agrees with
    "first layer using this mask".
 
-    .venv/bin/python bench/latency_layer_profile.py --samples bench/out/latency --threads 1 [--runs 10]
+    .venv/bin/python bench/research/latency_layer_profile.py --samples bench/out/latency --threads 1 [--runs 10]
 
 Profiles are cached in <out>/layer_profile.json (a rerun profiles only what is new); the report is
 <out>/layer_profile.md (default bench/out/latency-layer-profile/). Nothing else should run meanwhile.
@@ -160,7 +160,7 @@ def main() -> int:
                 seen_specs[repr(spec)] = ops
 
     lines = [f"# Prefill per layer on {target.name} ({threads} threads, prompt {prompt}, {args.runs} profiled runs)", "",
-             f"`.venv/bin/python bench/latency_layer_profile.py --samples {args.samples} --threads {threads} --runs {args.runs}`",
+             f"`.venv/bin/python bench/research/latency_layer_profile.py --samples {args.samples} --threads {threads} --runs {args.runs}`",
              "", f"{len(samples)} genomes, {len(rows)} layers.", "",
              "## Each layer's time from its own features (5-fold over layers): within +-10% / mean relative error", "",
              "| family | layers | mean ms | masks counted once (first layer using each) | each layer counts its mask |",
