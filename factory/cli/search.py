@@ -161,13 +161,8 @@ def _build_config(opts: dict):
     return from_target(opts["target"], opts["preset"], {key: opts[flag] for flag, key in _SETTINGS.items()})
 
 
-@app.command("status")
-def status_command(
-    run_dir: Path = typer.Argument(..., help="A search run directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-):
-    """Progress and Pareto front of a run (safe while the run is going on)."""
-    from factory.search.outputs import summary
+def _read_stored(run_dir: Path, read):
+    """`read(store, config)` on a run's stored configuration (run.json, as written) and its database."""
     from factory.search.run import read_run
     from factory.search.store import Store
 
@@ -175,7 +170,18 @@ def status_command(
     db = run_dir / "search.db"
     # A run killed before its first commit has run.json but no database yet: that is an empty run, not an error.
     with Store(db, readonly=db.exists()) as store:
-        result = summary(store, config)
+        return read(store, config)
+
+
+@app.command("status")
+def status_command(
+    run_dir: Path = typer.Argument(..., help="A search run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """Progress and Pareto front of a run (safe while the run is going on)."""
+    from factory.search.outputs import summary
+
+    result = _read_stored(run_dir, summary)
     if as_json:
         emit_json(_json_summary(result, run_dir))
     else:
@@ -190,13 +196,8 @@ def motifs_command(
 ):
     """Motif analysis: LIV class frequencies, sharing patterns and k-layer motifs, front vs all evaluated."""
     from factory.search.analysis import analyse, render
-    from factory.search.run import read_run
-    from factory.search.store import Store
 
-    config = read_run(run_dir)
-    db = run_dir / "search.db"
-    with Store(db, readonly=db.exists()) as store:
-        data = analyse(store, config)
+    data = _read_stored(run_dir, analyse)
     if as_json:
         emit_json(data)
     else:
