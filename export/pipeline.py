@@ -67,7 +67,7 @@ def resolve_quantization(request: ExportRequest) -> tuple[str, str | None]:
 
 def check_output_folder(out: Path) -> None:
     """--out may be new, an empty folder or a previous export (replaced at the end); nothing else is touched."""
-    check_out_folder(out, "export", [MANIFEST], ours="replace")
+    check_out_folder(out, "an export", (MANIFEST,), ours="replace")
 
 
 def _build_folder(out: Path) -> Path:

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from factory.errors import FactoryError
 
@@ -67,11 +67,11 @@ def atomic_json(path: Path | str, data: Any, indent: int | None = 2) -> Path:
     return atomic_write(path, json.dumps(clean_json(data), indent=indent, allow_nan=False, default=str) + "\n")
 
 
-def check_out_folder(out: Path | str, kind: str, markers: Iterable[str] = (), *, ours: str = "refuse",
+def check_out_folder(out: Path | str, kind: str, markers: tuple[str, ...] = (), *, ours: str = "refuse",
                      others: str = "refuse", resume: str | None = None) -> Path:
     """The one check of an --out folder before anything is written there; returns it as a Path.
 
-    The folder may be new or empty. One that holds any of `markers` is "ours" (a previous `kind`): `ours` says
+    The folder may be new or empty. One that holds any of `markers` is "ours" (a previous `kind`, with its article: "an export"): `ours` says
     what then: "refuse" (with `resume`, the command that continues it, in the message) or "replace" (the caller
     replaces it at the end). A non-empty folder that is not ours: `others` = "refuse" or "allow" (the search
     inside `factory run`, whose folder already holds job.json). A file is always refused. The folder (or, with
@@ -83,9 +83,10 @@ def check_out_folder(out: Path | str, kind: str, markers: Iterable[str] = (), *,
         mine = any((out / m).exists() for m in markers)
         if mine and ours == "refuse":
             hint = f"; continue it with {resume}" if resume else ""
-            raise FactoryError(f"--out {out} already holds a {kind}{hint}")
+            raise FactoryError(f"--out {out} already holds {kind}{hint}")
         if not mine and others == "refuse" and any(out.iterdir()):
-            raise FactoryError(f"--out {out} is a non-empty folder that is not a {kind}; refusing to overwrite it")
+            no = f" (no {' or '.join(markers)})" if markers else ""
+            raise FactoryError(f"--out {out} is a non-empty folder that is not {kind}{no}; refusing to overwrite it")
     folder = out if ours != "replace" else (out.parent if out.parent != Path("") else Path("."))
     try:
         folder.mkdir(parents=True, exist_ok=True)

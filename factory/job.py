@@ -283,7 +283,7 @@ def run_job(job: JobConfig | None, out: Path, resume: bool = False, progress=Non
         load_target(job.target)  # fail on a bad target before creating anything
         job = replace(job, preset_values=job.settings().to_dict())
         search_config(job)  # and on bad settings
-        check_out_folder(out, "factory run", ["job.json"], resume=f"`factory run --resume {out}`")
+        check_out_folder(out, "a factory run", ("job.json",), resume=f"`factory run --resume {out}`")
         atomic_json(out / "job.json", {"format": JOB_FORMAT, "config": job.to_dict(), "created_at": time.time()})
     started = time.time()
     say(f"[1/5] search ({job.preset}) for target {job.target}")

@@ -84,7 +84,7 @@ def space_fingerprint(config: SearchConfig) -> str:
 
 def prepare_new_dir(out: Path) -> None:
     """A new run's folder: new, empty or holding other files (`factory run` writes job.json first), never a run."""
-    check_out_folder(out, "search run", ["run.json", "search.db"], others="allow", resume=f"--resume {out}")
+    check_out_folder(out, "a search run", ("run.json", "search.db"), others="allow", resume=f"--resume {out}")
 
 
 def ladder_sizes(n: int, eta: int, rungs: int) -> list[int]:
