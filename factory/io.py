@@ -71,9 +71,9 @@ def check_out_folder(out: Path | str, kind: str, markers: tuple[str, ...] = (), 
                      others: str = "refuse", resume: str | None = None) -> Path:
     """The one check of an --out folder before anything is written there; returns it as a Path.
 
-    The folder may be new or empty. One that holds any of `markers` is "ours" (a previous `kind`, with its article: "an export"): `ours` says
-    what then: "refuse" (with `resume`, the command that continues it, in the message) or "replace" (the caller
-    replaces it at the end). A non-empty folder that is not ours: `others` = "refuse" or "allow" (the search
+    The folder may be new or empty. One that holds any of `markers` is "ours" (a previous `kind`, named with its
+    article: "an export"): `ours` says what then: "refuse" (with `resume`, the command that continues it, in the
+    message) or "replace" (the caller replaces it at the end). A non-empty folder that is not ours: `others` = "refuse" or "allow" (the search
     inside `factory run`, whose folder already holds job.json). A file is always refused. The folder (or, with
     ours="replace", its parent) is created and must be writable."""
     out = Path(out)
