@@ -6,12 +6,11 @@ The manifest is written last and atomically (temp file + rename): a folder witho
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 import onnx
+
+from factory.io import atomic_write, clean_json
 
 from export.runtime import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
@@ -56,39 +55,8 @@ def variant_entry(folder: Path, prefill: str, decode: str, **extra) -> dict:
     }
 
 
-def finite(value):
-    """JSON has no NaN or infinity: such figures (an untrained checkpoint's val_bpb) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def write_manifest(folder: Path, manifest: dict) -> Path:
-    manifest = finite({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest})
-    data = json.dumps(manifest, indent=2, allow_nan=False, default=_jsonable).encode()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the manifest is an ordinary file
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / MANIFEST
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    """Written last, atomically. JSON has no NaN or infinity: such figures (an untrained checkpoint's val_bpb)
+    become null."""
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    return atomic_write(folder / MANIFEST, json.dumps(clean_json(data), indent=2, allow_nan=False))

@@ -26,6 +26,7 @@ import numpy as np
 from export import quantize as q
 from export.runtime import MANIFEST, make_session
 from factory.errors import FactoryError
+from factory.io import check_out_folder, current_umask
 
 VAL_WINDOWS, VAL_LENGTH = 16, 128
 CALIBRATION_WINDOWS = 32
@@ -66,24 +67,7 @@ def resolve_quantization(request: ExportRequest) -> tuple[str, str | None]:
 
 def check_output_folder(out: Path) -> None:
     """--out may be new, an empty folder or a previous export (replaced at the end); nothing else is touched."""
-    if out.exists():
-        if not out.is_dir():
-            raise FactoryError(f"--out {out} is a file, not a folder")
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise FactoryError(f"--out {out} is a non-empty folder that is not an export (no {MANIFEST}); refusing to overwrite it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FactoryError(f"--out {out}: cannot create {parent} ({e.strerror or e})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FactoryError(f"--out {out}: {parent} is not writable")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    check_out_folder(out, "an export", (MANIFEST,), ours="replace")
 
 
 def _build_folder(out: Path) -> Path:
@@ -91,7 +75,7 @@ def _build_folder(out: Path) -> Path:
         build = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     except OSError as e:
         raise FactoryError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e})") from None
-    build.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary folder
+    build.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the artifact is an ordinary folder
     return build
 
 

@@ -13,48 +13,16 @@ settings from DIR/job.json.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shlex
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from factory.errors import FactoryError
+from factory.io import atomic_json, check_out_folder
+from factory.presets import PRESETS, Preset
 
 JOB_FORMAT = "factory-job-1"
-
-
-@dataclass(frozen=True)
-class Preset:
-    n_layers: int
-    d_model: int
-    context: int
-    population: int
-    generations: int
-    tokens: int  # per candidate during the search
-    seq_len: int
-    batch_size: int
-    eval_windows: int
-    top_k: int  # front members retrained in the final stage
-    multiplier: int  # final budget = multiplier x search budget
-    seeds: int
-    profile_repeats: int  # prefill repetitions of the final measurements
-
-
-PRESETS = {
-    # ~3 minutes on 2 cores: proves the whole pipeline (tests use it).
-    "smoke": Preset(n_layers=4, d_model=48, context=128, population=4, generations=2, tokens=8_192, seq_len=64,
-                    batch_size=8, eval_windows=8, top_k=1, multiplier=2, seeds=2, profile_repeats=5),
-    # ~15 minutes on 2 cores: the README's main job on the embedded corpus.
-    "quick": Preset(n_layers=6, d_model=64, context=256, population=8, generations=3, tokens=65_536, seq_len=128,
-                    batch_size=16, eval_windows=32, top_k=2, multiplier=3, seeds=2, profile_repeats=30),
-    # real use on bigger machines: STAR's population and generations.
-    "standard": Preset(n_layers=8, d_model=128, context=512, population=16, generations=18, tokens=2_000_000,
-                       seq_len=256, batch_size=16, eval_windows=64, top_k=8, multiplier=4, seeds=2,
-                       profile_repeats=30),
-}
 
 
 @dataclass(frozen=True)
@@ -66,20 +34,20 @@ class JobConfig:
     executor: str = "local"
     ray_address: str | None = None
     seed: int = 0
+    # The preset's values when the run started (job.json keeps them, so a resumed run never depends on today's
+    # table); None in job.json files written before they were stored: then the table's values by name.
+    preset_values: dict | None = None
+
+    def settings(self) -> Preset:
+        if self.preset_values is None:
+            return PRESETS[self.preset]
+        return Preset.from_dict(self.preset_values, about=self.preset)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # -- job directory ---------------------------------------------------------------------------------------------------
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def read_job(out: Path) -> JobConfig:
     path = out / "job.json"
     if not path.is_file():
@@ -93,45 +61,21 @@ def read_job(out: Path) -> JobConfig:
         raise FactoryError(f"{path}: not a factory run file") from None
 
 
-def _check_new_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if (out / "job.json").is_file():
-            raise FactoryError(f"{out} already holds a factory run: use `factory run --resume {out}`")
-        raise FactoryError(f"--out {out} exists and is not an empty folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FactoryError(f"--out {out}: cannot create it ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK):
-        raise FactoryError(f"--out {out} is not writable")
-
-
 # -- stages ----------------------------------------------------------------------------------------------------------
 def search_config(job: JobConfig):
-    from factory.search.config import Budgets, SearchConfig, default_workers
-    from factory.search.target_bridge import target_defaults
-
-    p = PRESETS[job.preset]
-    t = target_defaults(job.target)
+    """The search's configuration for a new job (`from_target`, the builder `factory search` uses too)."""
     from factory.data.corpus import load_corpus
+    from factory.search.config import from_target
 
-    corpus = load_corpus(job.corpus)
-    return SearchConfig(
-        n_layers=p.n_layers, d_model=p.d_model, context=p.context, objectives=tuple(t["objectives"]),
-        budgets=Budgets(max_params=t["max_params"], max_cache_bytes=t["max_cache_bytes"],
-                        max_memory_bytes=t["max_memory_bytes"]),
-        metrics_context=t["metrics_context"], dtype=t["dtype"], target=t["target"],
-        target_fingerprint=t["target_fingerprint"], population=p.population, generations=p.generations,
-        seed=job.seed, corpus=job.corpus, corpus_sha256=corpus.sha256, tokens=p.tokens, seq_len=p.seq_len,
-        batch_size=p.batch_size, eval_windows=p.eval_windows, workers=job.workers or default_workers(), executor=job.executor,
-        ray_address=job.ray_address,
-    ).validate()
+    return from_target(job.target, job.settings(), {
+        "seed": job.seed, "corpus": job.corpus, "corpus_sha256": load_corpus(job.corpus).sha256,
+        "workers": job.workers, "executor": job.executor, "ray_address": job.ray_address})
 
 
 def stage_search(job: JobConfig, out: Path, progress) -> None:
     from factory.search import resume_search, start_search
 
-    if (out / "search.db").is_file():
+    if (out / "run.json").is_file():  # the search's stored configuration, read as written
         resume_search(out, progress=progress, workers=job.workers, executor=job.executor, ray_address=job.ray_address)
     else:
         start_search(search_config(job), out, progress=progress)
@@ -140,7 +84,7 @@ def stage_search(job: JobConfig, out: Path, progress) -> None:
 def stage_finalize(job: JobConfig, out: Path, progress) -> dict:
     from factory.search.finalize import finalize
 
-    p = PRESETS[job.preset]
+    p = job.settings()
     return finalize(out, top_k=p.top_k, multiplier=p.multiplier, seeds=p.seeds, workers=job.workers,
                     executor=job.executor, ray_address=job.ray_address, progress=progress,
                     checkpoints=out / "checkpoints")
@@ -187,7 +131,7 @@ def stage_profile(job: JobConfig, out: Path, exports: dict[str, Path], say) -> d
     if not ok:
         say(f"profile: skipped, target {target.name} is not measurable on this machine ({why})")
         return {h: {"not_measurable": why} for h in exports}
-    repeats = PRESETS[job.preset].profile_repeats
+    repeats = job.settings().profile_repeats
     for h, export_dir in exports.items():
         manifest = json.loads((export_dir / "manifest.json").read_text())
         per_variant = {}
@@ -198,7 +142,7 @@ def stage_profile(job: JobConfig, out: Path, exports: dict[str, Path], say) -> d
                 say(f"profile {export_dir.name} ({variant})")
                 with measure_gate.measuring():  # another run's training on this machine pauses meanwhile
                     measured = profile_artifact(export_dir, target, variant=variant, repeats=repeats, record=True)
-                _atomic_json(path, measured)
+                atomic_json(path, measured)
             per_variant[variant] = json.loads(path.read_text())
         results[h] = per_variant
     return results
@@ -290,7 +234,7 @@ def build_report(job: JobConfig, out: Path, final: dict, exports: dict, profiles
                 f"factory profiles pack {q} --target {shlex.quote(job.target)} --out probe-pack",
                 "python probe-pack/runner.py probe-pack --out results.json   # on the device",
             ]})
-    p = PRESETS[job.preset]
+    p = job.settings()
     verdict = [final.get("verdict", "")]
     measured = [r for r in comparison if r.get("decode_ms_p50") is not None]
     if not measured:
@@ -337,9 +281,10 @@ def run_job(job: JobConfig | None, out: Path, resume: bool = False, progress=Non
         from targets import load_target
 
         load_target(job.target)  # fail on a bad target before creating anything
+        job = replace(job, preset_values=job.settings().to_dict())
         search_config(job)  # and on bad settings
-        _check_new_dir(out)
-        _atomic_json(out / "job.json", {"format": JOB_FORMAT, "config": job.to_dict(), "created_at": time.time()})
+        check_out_folder(out, "a factory run", ("job.json",), resume=f"`factory run --resume {out}`")
+        atomic_json(out / "job.json", {"format": JOB_FORMAT, "config": job.to_dict(), "created_at": time.time()})
     started = time.time()
     say(f"[1/5] search ({job.preset}) for target {job.target}")
     stage_search(job, out, progress)

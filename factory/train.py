@@ -24,6 +24,7 @@ from factory.data.corpus import Corpus
 from factory.data.mad import IGNORE, TASKS
 from factory.data.tokenizer import ByteTokenizer
 from factory.errors import FactoryError
+from factory.io import atomic_write
 from factory.genome import Genome, GenomeError
 from factory.genome.metrics import static_metrics
 from factory.model import LIVModel
@@ -220,13 +221,6 @@ def mad_score(genome: Genome, tasks=None, steps: int = 200, n_train: int = 512, 
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def unique_state(model: LIVModel) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor (a featurizer used by several layers) once, under its first name."""
     tensors, seen = {}, set()
@@ -250,7 +244,7 @@ def save_checkpoint(out: str | Path, model: LIVModel, result: TrainResult, cfg: 
     os.close(fd)
     save_file(tensors, tmp, metadata={"genome_hash": genome.hash(), "format": "factory-checkpoint-1"})
     os.replace(tmp, out / "model.safetensors")
-    _atomic_write(out / "genome.json", genome.to_json().encode())
+    atomic_write(out / "genome.json", genome.to_json().encode())
     metrics = {
         "name": genome.name,
         "hash": genome.hash(),
@@ -262,7 +256,7 @@ def save_checkpoint(out: str | Path, model: LIVModel, result: TrainResult, cfg: 
         "tokenizer": ByteTokenizer().to_dict(),
         "torch_version": torch.__version__,
     }
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True).encode())
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True).encode())
     return out
 
 

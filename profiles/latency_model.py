@@ -87,14 +87,9 @@ class LatencyModel:
                    d.get("accuracy", {}), d.get("view", "default"), d.get("scale", 1.0))
 
     def save(self, path) -> None:
-        from pathlib import Path
-        import os
+        from factory.io import atomic_write
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2))
 
 
 def feature_names(rows: list[dict]) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from factory.errors import FactoryError
+from factory.io import atomic_write
 
 RECORD_VERSION = 1
 HOME_ENV = "FACTORY_HOME"
@@ -55,10 +56,7 @@ def archive_genome(manifest: dict) -> None:
     path = genome_archive_path(genome_hash)
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(genome, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(genome, indent=1))
 
 
 def load_archived_genome(genome_hash: str) -> dict | None:

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from factory.errors import FactoryError
+from factory.io import clean_json
 
 # Progress and tables go to stderr so that stdout carries only the --json object.
 console = Console(stderr=True)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
-    return value
-
-
 def emit_json(obj: dict) -> None:
     """Print exactly one JSON object on stdout (every command's --json goes through here)."""
-    sys.stdout.write(json.dumps(_jsonable(obj), sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(clean_json(obj), sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

@@ -8,16 +8,17 @@ from typing import Optional
 import typer
 
 from factory.cli.common import console, emit_json, fail, positive_int
+from factory.presets import DEFAULT_RUN_PRESET, DEFAULT_TARGET, DEFAULTS, preset_help
 
 
 def run_command(
-    target: Optional[str] = typer.Option(None, "--target", help="Target name or TOML file (default: laptop-cpu)."),
-    preset: str = typer.Option("quick", "--preset", help="smoke (~3 min) | quick (~15 min) | standard."),
+    target: Optional[str] = typer.Option(None, "--target", help=f"Target name or TOML file (default: {DEFAULT_TARGET})."),
+    preset: str = typer.Option(DEFAULT_RUN_PRESET, "--preset", help=preset_help() + "."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text file or folder (default: embedded Shakespeare)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel evaluations (default: one per core)."),
-    executor: str = typer.Option("local", "--executor", help="local | ray"),
+    executor: str = typer.Option(DEFAULTS["executor"], "--executor", help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(DEFAULTS["seed"], "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (new), or with --resume the run to continue."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder."),
     as_json: bool = typer.Option(False, "--json"),
@@ -29,7 +30,7 @@ def run_command(
     if resume is not None:
         if out is not None or target is not None:
             fail("--resume takes the run folder alone (its settings are in job.json)")
-        progress = RichProgress(generations=PRESETS[read_job(resume).preset].generations)
+        progress = RichProgress(generations=read_job(resume).settings().generations)
         result = run_job(None, resume, resume=True, progress=progress)
     else:
         if out is None:
@@ -40,7 +41,7 @@ def run_command(
             fail(f"--executor must be local or ray, got {executor!r}")
         if workers is not None:
             positive_int(workers, "--workers")
-        job = JobConfig(target=target or "laptop-cpu", preset=preset, corpus=corpus, workers=workers,
+        job = JobConfig(target=target or DEFAULT_TARGET, preset=preset, corpus=corpus, workers=workers,
                         executor=executor, ray_address=ray_address, seed=seed)
         result = run_job(job, out, progress=RichProgress(generations=PRESETS[preset].generations))
     if as_json:

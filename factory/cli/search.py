@@ -13,6 +13,8 @@ from typing import Optional
 import typer
 
 from factory.cli.common import console, emit_json, fail
+from factory.presets import DEFAULTS as _D
+from factory.presets import FINALIZE_DEFAULTS, MAX_DEFAULT_WORKERS, PRESETS
 
 app = typer.Typer(
     help="Evolve architectures (NSGA-II over LIV genomes): quality vs cache / parameters under hard budgets.",
@@ -74,27 +76,27 @@ def _json_summary(result: dict, out: Path) -> dict:
 def search(
     ctx: typer.Context,
     target: Optional[str] = typer.Option(None, "--target", help="Target name or .toml: its objectives and budgets become defaults."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="quick | star: a named size and budget (flags override)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"{' | '.join(PRESETS)}: a named size and budget (flags override)."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text file or folder (default: embedded Shakespeare)."),
-    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma list: quality, mad, params, cache, flops; latency, memory (measured, need --target). Default quality,cache."),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma list: quality, mad, params, cache, flops; latency, memory (measured, need --target). Default " + ",".join(_D["objectives"]) + "."),
     max_params: Optional[str] = typer.Option(None, "--max-params", help="Budget: parameters."),
     max_cache_bytes: Optional[str] = typer.Option(None, "--max-cache-bytes", help="Budget: decode cache bytes at the metrics context (e.g. 64KiB)."),
     max_memory_bytes: Optional[str] = typer.Option(None, "--max-memory-bytes", help="Budget: estimated inference peak memory (e.g. 8MiB)."),
-    population: Optional[int] = typer.Option(None, "--population", help="Population size (default 16)."),
-    generations: Optional[int] = typer.Option(None, "--generations", help="Generations including the initial one (default 18); with --resume, a larger number extends the run."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens per candidate (default 200000); with --rungs, the first rung's."),
-    rungs: Optional[int] = typer.Option(None, "--rungs", help="Successive halving: how many token budgets, tokens * eta^k for k < rungs (default 1: off)."),
-    eta: Optional[int] = typer.Option(None, "--eta", help="With --rungs: the best 1/eta of a rung train again on eta times the tokens (default 3)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default 128)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 3e-3)."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Depth of every candidate (default 8)."),
-    d_model: Optional[int] = typer.Option(None, "--d-model", help="Width of every candidate (default 128)."),
-    context: Optional[int] = typer.Option(None, "--context", help="Context length of every candidate (default 256)."),
+    population: Optional[int] = typer.Option(None, "--population", help=f"Population size (default {_D['population']})."),
+    generations: Optional[int] = typer.Option(None, "--generations", help=f"Generations including the initial one (default {_D['generations']}); with --resume, a larger number extends the run."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help=f"Training tokens per candidate (default {_D['tokens']}); with --rungs, the first rung's."),
+    rungs: Optional[int] = typer.Option(None, "--rungs", help=f"Successive halving: how many token budgets, tokens * eta^k for k < rungs (default {_D['rungs']}: off)."),
+    eta: Optional[int] = typer.Option(None, "--eta", help=f"With --rungs: the best 1/eta of a rung train again on eta times the tokens (default {_D['eta']})."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help=f"Training sequence length (default min({_D['seq_len']}, context))."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Training batch size (default {_D['batch_size']})."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate (default {_D['lr']:g})."),
+    layers: Optional[int] = typer.Option(None, "--layers", help=f"Depth of every candidate (default {_D['n_layers']})."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help=f"Width of every candidate (default {_D['d_model']})."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"Context length of every candidate (default {_D['context']})."),
     families: Optional[str] = typer.Option(None, "--families", help="Comma list of operator families (default: all registered)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the whole run (default 0)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel evaluations (default: one per core, up to 8); torch threads per worker = cores // workers."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="local (process pool, default) | ray."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the whole run (default {_D['seed']})."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=f"Parallel evaluations (default: one per core, up to {MAX_DEFAULT_WORKERS}); torch threads per worker = cores // workers."),
+    executor: Optional[str] = typer.Option(None, "--executor", help=f"local (process pool) | ray (default {_D['executor']})."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local Ray)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory to create."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
@@ -144,57 +146,31 @@ def _check_execution(workers, executor) -> None:
         fail(f"--executor must be local or ray, got {executor!r}")
 
 
+# CLI flag -> SearchConfig field, for the flags that are settings of a new run.
+_SETTINGS = {"layers": "n_layers", "d_model": "d_model", "context": "context", "population": "population",
+             "generations": "generations", "tokens": "tokens", "rungs": "rungs", "eta": "eta", "seq_len": "seq_len",
+             "batch_size": "batch_size", "lr": "lr", "seed": "seed", "workers": "workers", "executor": "executor",
+             "ray_address": "ray_address", "corpus": "corpus", "objectives": "objectives", "families": "families",
+             "max_params": "max_params", "max_cache_bytes": "max_cache_bytes", "max_memory_bytes": "max_memory_bytes"}
+
+
 def _build_config(opts: dict):
-    """Defaults < --preset < --target < explicit flags."""
-    from factory.search.config import DEFAULTS, PRESETS, Budgets, SearchConfig, parse_count
+    """Defaults < --preset < --target < explicit flags (`factory.search.config.from_target`)."""
+    from factory.search.config import from_target
 
-    settings = dict(DEFAULTS)
-    if opts["preset"] is not None:
-        if opts["preset"] not in PRESETS:
-            fail(f"--preset must be one of {', '.join(PRESETS)}, got {opts['preset']!r}")
-        settings.update(PRESETS[opts["preset"]])
-    budgets = {"max_params": None, "max_cache_bytes": None, "max_memory_bytes": None}
-    if opts["target"] is not None:
-        from factory.search.target_bridge import target_defaults
+    return from_target(opts["target"], opts["preset"], {key: opts[flag] for flag, key in _SETTINGS.items()})
 
-        t = target_defaults(opts["target"])
-        settings.update({k: t[k] for k in ("target", "target_fingerprint", "objectives", "metrics_context", "dtype")})
-        budgets.update({k: t[k] for k in budgets})
-    flag_map = {"layers": "n_layers", "d_model": "d_model", "context": "context", "population": "population",
-                "generations": "generations", "tokens": "tokens", "rungs": "rungs", "eta": "eta",
-                "seq_len": "seq_len", "batch_size": "batch_size",
-                "lr": "lr", "seed": "seed", "workers": "workers", "executor": "executor", "ray_address": "ray_address",
-                "corpus": "corpus"}
-    for flag, key in flag_map.items():
-        if opts[flag] is not None:
-            settings[key] = opts[flag]
-    if opts["eta"] is not None and (opts["rungs"] or 1) < 2:
-        fail(f"--eta {opts['eta']} only matters with successive halving: add --rungs 2 or more")
-    if opts["preset"] is None and opts["seq_len"] is None:
-        settings["seq_len"] = 0  # min(128, context)
-    if opts["objectives"] is not None:
-        settings["objectives"] = tuple(o.strip() for o in opts["objectives"].split(","))
-    if opts["families"] is not None:
-        settings["families"] = tuple(f.strip() for f in opts["families"].split(",") if f.strip())
-    budgets["max_params"] = parse_count(opts["max_params"], "--max-params", units=False) \
-        if opts["max_params"] is not None else budgets["max_params"]
-    budgets["max_cache_bytes"] = parse_count(opts["max_cache_bytes"], "--max-cache-bytes", allow_zero=True) \
-        if opts["max_cache_bytes"] is not None else budgets["max_cache_bytes"]
-    budgets["max_memory_bytes"] = parse_count(opts["max_memory_bytes"], "--max-memory-bytes") \
-        if opts["max_memory_bytes"] is not None else budgets["max_memory_bytes"]
-    if settings.get("target") is None and opts["target"] is None:
-        settings.pop("target", None)
-    config_keys = SearchConfig.__dataclass_fields__
-    kwargs = {k: v for k, v in settings.items() if k in config_keys}
-    from factory.search.objectives import resolve_objectives
 
-    try:
-        resolve_objectives(kwargs["objectives"])  # unknown objective: one line now, before anything else
-    except Exception as e:
-        if opts["target"] is not None and opts["objectives"] is None:
-            fail(f"target {opts['target']}: {e}; choose others with --objectives (e.g. quality,cache)")
-        raise
-    return SearchConfig(budgets=Budgets(**budgets), **kwargs).validate()
+def _read_stored(run_dir: Path, read):
+    """`read(store, config)` on a run's stored configuration (run.json, as written) and its database."""
+    from factory.search.run import read_run
+    from factory.search.store import Store
+
+    config = read_run(run_dir)
+    db = run_dir / "search.db"
+    # A run killed before its first commit has run.json but no database yet: that is an empty run, not an error.
+    with Store(db, readonly=db.exists()) as store:
+        return read(store, config)
 
 
 @app.command("status")
@@ -204,14 +180,8 @@ def status_command(
 ):
     """Progress and Pareto front of a run (safe while the run is going on)."""
     from factory.search.outputs import summary
-    from factory.search.run import read_run
-    from factory.search.store import Store
 
-    config = read_run(run_dir)
-    db = run_dir / "search.db"
-    # A run killed before its first commit has run.json but no database yet: that is an empty run, not an error.
-    with Store(db, readonly=db.exists()) as store:
-        result = summary(store, config)
+    result = _read_stored(run_dir, summary)
     if as_json:
         emit_json(_json_summary(result, run_dir))
     else:
@@ -226,13 +196,8 @@ def motifs_command(
 ):
     """Motif analysis: LIV class frequencies, sharing patterns and k-layer motifs, front vs all evaluated."""
     from factory.search.analysis import analyse, render
-    from factory.search.run import read_run
-    from factory.search.store import Store
 
-    config = read_run(run_dir)
-    db = run_dir / "search.db"
-    with Store(db, readonly=db.exists()) as store:
-        data = analyse(store, config)
+    data = _read_stored(run_dir, analyse)
     if as_json:
         emit_json(data)
     else:
@@ -242,9 +207,9 @@ def motifs_command(
 @app.command("finalize")
 def finalize_command(
     run_dir: Path = typer.Argument(..., help="A search run directory."),
-    top_k: int = typer.Option(4, "--top-k", help="Front members to retrain (best quality first)."),
-    multiplier: int = typer.Option(4, "--multiplier", help="Training budget as a multiple of the search's (its top rung's, with --rungs)."),
-    seeds: int = typer.Option(2, "--seeds", help="Training seeds per model (at least 2)."),
+    top_k: int = typer.Option(FINALIZE_DEFAULTS["top_k"], "--top-k", help="Front members to retrain (best quality first)."),
+    multiplier: int = typer.Option(FINALIZE_DEFAULTS["multiplier"], "--multiplier", help="Training budget as a multiple of the search's (its top rung's, with --rungs)."),
+    seeds: int = typer.Option(FINALIZE_DEFAULTS["seeds"], "--seeds", help="Training seeds per model (at least 2)."),
     workers: Optional[int] = typer.Option(None, "--workers"),
     executor: Optional[str] = typer.Option(None, "--executor"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address"),

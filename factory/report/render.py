@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from factory.io import atomic_write
 
 FIGURE_TITLES = {
     "pareto_cache": "Quality vs cache bytes at the target context",
@@ -157,18 +157,11 @@ def render_html(report: dict, root: Path) -> str:
     return "\n".join(out)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, root: Path) -> dict[str, Path]:
     """Write report.json, report.md and report.html under root (figure paths in `report` are relative to root)."""
     root.mkdir(parents=True, exist_ok=True)
     paths = {"json": root / "report.json", "md": root / "report.md", "html": root / "report.html"}
-    _atomic_text(paths["json"], json.dumps(report, indent=2, default=str))
-    _atomic_text(paths["md"], render_markdown(report))
-    _atomic_text(paths["html"], render_html(report, root))
+    atomic_write(paths["json"], json.dumps(report, indent=2, default=str))
+    atomic_write(paths["md"], render_markdown(report))
+    atomic_write(paths["html"], render_html(report, root))
     return paths

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from factory.genome.schema import Genome
 from factory.search.config import SearchConfig
-from factory.search.outputs import atomic_write, feasible_rows, front_rows, reached_rows, rows_of_run
+from factory.io import atomic_write
+from factory.search.outputs import feasible_rows, front_rows, reached_rows, rows_of_run
 from factory.search.store import Store
 
 MOTIF_LENGTHS = (2, 3)

@@ -14,24 +14,15 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from factory.errors import FactoryError
+from factory.presets import DEFAULTS, MAX_DEFAULT_WORKERS
+from factory.presets import PRESETS as _PRESET_TABLE
 
 RUN_FORMAT = "factory-search-run-1"
 DEFAULT_EVALUATOR = "factory.search.evaluate:evaluate_request"
 
-# Named starting points; explicit flags (and a target) override them.
-PRESETS: dict[str, dict] = {
-    # Seconds per candidate on a laptop CPU: for trying the tool and for the benchmark.
-    "quick": dict(n_layers=4, d_model=64, context=128, population=8, generations=4, tokens=32_768, seq_len=64,
-                  batch_size=8),
-    # STAR's population and generations at the reference genomes' size (hours on a CPU).
-    "star": dict(n_layers=8, d_model=128, context=256, population=16, generations=18, tokens=1_000_000,
-                 seq_len=128, batch_size=16),
-}
-DEFAULTS = dict(
-    n_layers=8, d_model=128, context=256, population=16, generations=18, tokens=200_000, seq_len=128,
-    batch_size=16, lr=3e-3, seed=0, objectives=("quality", "cache"), executor="local",
-)
-MAX_DEFAULT_WORKERS = 8
+# The search's defaults and presets live in the one preset table (factory.presets); `PRESETS` here is its search
+# half, name -> SearchConfig keyword arguments (for scripts that build a SearchConfig from a preset name).
+PRESETS: dict[str, dict] = {name: p.search_settings() for name, p in _PRESET_TABLE.items()}
 
 
 def default_workers() -> int:
@@ -104,12 +95,12 @@ class SearchConfig:
     tokens: int = DEFAULTS["tokens"]
     # successive halving (multi-fidelity): every offspring trains on `tokens`, the best 1/eta of a generation's
     # offspring by val bpb train again on tokens * eta, and so on for `rungs` budgets. rungs = 1: off.
-    rungs: int = 1
-    eta: int = 3
+    rungs: int = DEFAULTS["rungs"]
+    eta: int = DEFAULTS["eta"]
     seq_len: int = 0  # 0: min(128, context)
     batch_size: int = DEFAULTS["batch_size"]
     lr: float = DEFAULTS["lr"]
-    eval_windows: int = 64
+    eval_windows: int = DEFAULTS["eval_windows"]
     mad_steps: int = 200
     evaluator: str = DEFAULT_EVALUATOR
     # execution (may change on resume)
@@ -219,6 +210,56 @@ class SearchConfig:
         if bad:
             raise FactoryError(f"cannot change {sorted(bad)[0]} of an existing run")
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def from_target(target: str | None, preset=None, overrides: dict | None = None) -> SearchConfig:
+    """The one builder of a new run's configuration (`factory search`, `factory run`), validated.
+
+    Defaults < `preset` (a name in factory.presets.PRESETS or a Preset) < `target` (its objectives, budgets,
+    metrics context and dtype) < `overrides` (SearchConfig fields; None values are left out). `objectives` and
+    `families` may be comma lists; the budgets `max_params`, `max_cache_bytes`, `max_memory_bytes` may be sizes
+    like "64KiB". Without a preset the sequence length follows the context (min(128, context)) unless given.
+    A stored run is never rebuilt through here: run.json is read as written (`SearchConfig.from_dict`)."""
+    from factory.presets import Preset
+
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    settings = {**DEFAULTS, "seq_len": 0}
+    if preset is not None:
+        if not isinstance(preset, Preset):
+            if preset not in _PRESET_TABLE:
+                raise FactoryError(f"--preset must be one of {', '.join(_PRESET_TABLE)}, got {preset!r}")
+            preset = _PRESET_TABLE[preset]
+        settings.update(preset.search_settings())
+    budgets = dict.fromkeys(Budgets.METRICS)
+    if target is not None:
+        from factory.search.target_bridge import target_defaults
+
+        t = target_defaults(target)
+        settings.update({k: t[k] for k in ("target", "target_fingerprint", "objectives", "metrics_context", "dtype")})
+        budgets.update({k: t[k] for k in budgets})
+    if "eta" in overrides and overrides.get("rungs", 1) < 2:
+        raise FactoryError(f"--eta {overrides['eta']} only matters with successive halving: add --rungs 2 or more")
+    for key in ("objectives", "families"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = tuple(x.strip() for x in overrides[key].split(",") if x.strip())
+    for key, (_, flag) in Budgets.METRICS.items():
+        if key in overrides:
+            budgets[key] = parse_count(overrides.pop(key), flag, allow_zero=key == "max_cache_bytes",
+                                       units=key != "max_params")
+    known = {f.name for f in fields(SearchConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise FactoryError(f"unknown setting {unknown[0]!r}")
+    settings.update(overrides)
+    from factory.search.objectives import resolve_objectives
+
+    try:
+        resolve_objectives(settings["objectives"])  # unknown objective: one line now, before anything else
+    except Exception as e:
+        if target is not None and "objectives" not in overrides:
+            raise FactoryError(f"target {target}: {e}; choose others with --objectives (e.g. quality,cache)") from None
+        raise
+    return SearchConfig(budgets=Budgets(**budgets), **settings).validate()
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -24,8 +24,9 @@ from factory.errors import FactoryError
 from factory.genome.schema import Genome
 from factory.search.config import SearchConfig
 from factory.search.executors import make_executor
-from factory.search.objectives import EvalRecord, ObjectiveContext, get_objective, stage_path
-from factory.search.outputs import atomic_write, clean, front_rows, rows_of_run
+from factory.search.objectives import EvalRecord, ObjectiveContext, evaluation_request, get_objective
+from factory.io import atomic_json
+from factory.search.outputs import front_rows, rows_of_run
 from factory.search.plots import quality_axis
 from factory.search.progress import Progress
 from factory.search.run import DirLock, read_run
@@ -159,17 +160,11 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
                 ckpt = Path(checkpoints) / f"{m['hash']}-seed{seed}" if checkpoints is not None else None
                 missing_ckpt = ckpt is not None and not (ckpt / "model.safetensors").is_file()
                 if store.find_final(m["hash"], seed, fch) is None or missing_ckpt:
-                    settings = {
-                        "train": {**{k: v for k, v in config.train_config(seed=seed, tokens=final_tokens(config, multiplier))
-                                     .to_dict().items() if k != "threads"}},
-                        "corpus": config.corpus, "corpus_sha256": config.corpus_sha256,
-                        "mad_steps": config.mad_steps * multiplier, "metrics_context": config.context_for_metrics,
-                        "dtype": config.dtype, "target": config.target,
-                        "checkpoint": str(ckpt) if ckpt is not None else None,
-                    }
                     jobs.append((m, seed))
-                    requests.append({"hash": m["hash"], "genome": m["genome"].to_dict(), "stages": list(q_obj.needs),
-                                     "stage_paths": {s: stage_path(s) for s in q_obj.needs}, "settings": settings})
+                    requests.append(evaluation_request(
+                        config, m["hash"], m["genome"].to_dict(), q_obj.needs, seed=seed,
+                        tokens=final_tokens(config, multiplier), mad_steps=config.mad_steps * multiplier,
+                        checkpoint=str(ckpt) if ckpt is not None else None))
         progress.log(f"finalize: {len(models)} models x {seeds} seeds at {multiplier}x the search budget; "
                      f"{len(requests)} trainings to run")
 
@@ -217,5 +212,5 @@ def finalize(out: Path, top_k: int = 4, multiplier: int = 4, seeds: int = 2, wor
              else "INCONCLUSIVE: no baseline could be trained"),
             "finished_at": time.time(),
         }
-        atomic_write(out / "final.json", json.dumps(clean(data), indent=2) + "\n")
+        atomic_json(out / "final.json", data)
         return data

@@ -88,6 +88,22 @@ def stage_path(name: str) -> str:
         raise FactoryError(f"unknown evaluation stage {name!r} (known: {', '.join(sorted(_STAGES))})") from None
 
 
+def evaluation_request(config, genome_hash: str, genome: dict, stages, *, tokens: int, seed: int | None = None,
+                       mad_steps: int | None = None, **extra) -> dict:
+    """The one request a worker (`evaluator`) receives, for the search and for finalize: run `stages` on `genome`
+    with the run's training settings at `tokens` (and `seed`, default the run's), its corpus, metrics context,
+    dtype and target. `extra` settings: `workdir` (the search), `checkpoint` (finalize)."""
+    train = config.train_config(seed=seed, tokens=tokens).to_dict()
+    settings = {
+        "train": {k: v for k, v in train.items() if k != "threads"},
+        "corpus": config.corpus, "corpus_sha256": config.corpus_sha256,
+        "mad_steps": config.mad_steps if mad_steps is None else mad_steps,
+        "metrics_context": config.context_for_metrics, "dtype": config.dtype, "target": config.target, **extra,
+    }
+    return {"hash": genome_hash, "genome": genome, "stages": list(stages),
+            "stage_paths": {s: stage_path(s) for s in stages}, "settings": settings}
+
+
 def stages_for(objectives: list["Objective"]) -> list[str]:
     """The ordered union of the stages the objectives need."""
     out: list[str] = []

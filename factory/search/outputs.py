@@ -7,52 +7,16 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from factory.io import atomic_write, clean_json
 from factory.search.algorithm import non_dominated
 from factory.search.config import SearchConfig
 from factory.search.store import Store
 
 FAILED_STATUSES = ("diverged", "oom", "error")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; users expect their usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def clean(value):
-    """JSON for users: non-finite floats become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return clean(value.item())
-    return value
 
 
 def families_of(genome: dict) -> list[str]:
@@ -170,7 +134,7 @@ def write_pareto(out: Path, store: Store, config: SearchConfig) -> dict:
             {"generation": g["generation"], "hypervolume": g["hypervolume"]} for g in store.generations()
         ],
     }
-    atomic_write(out / "pareto.json", json.dumps(clean(data), indent=2) + "\n")
+    atomic_write(out / "pareto.json", json.dumps(clean_json(data), indent=2) + "\n")
     return data
 
 

@@ -29,9 +29,10 @@ from factory.genome.schema import Genome
 from factory.search.algorithm import NSGA2, Candidate, Member, hv_bounds, hypervolume, member_violation
 from factory.search.config import RUN_FORMAT, SearchConfig
 from factory.search.executors import make_executor
-from factory.search.objectives import EvalRecord, stage_path
+from factory.search.objectives import EvalRecord, evaluation_request
 from factory.search.operators import BudgetRepair, LayerClassCrossover, PerGeneMutation, RandomSampling, SpaceRepair
-from factory.search.outputs import (FAILED_STATUSES, atomic_write, comparable_rows, feasible_rows, summary,
+from factory.io import atomic_write, check_out_folder
+from factory.search.outputs import (FAILED_STATUSES, comparable_rows, feasible_rows, summary,
                                     write_evaluations_csv, write_hypervolume_csv, write_pareto)
 from factory.search.problem import ArchitectureProblem
 from factory.search.progress import Progress
@@ -82,23 +83,8 @@ def space_fingerprint(config: SearchConfig) -> str:
 
 
 def prepare_new_dir(out: Path) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FactoryError(f"--out {out}: exists and is not a directory")
-    if (out / "run.json").exists() or (out / "search.db").exists():
-        raise FactoryError(f"--out {out} already holds a search run; continue it with --resume {out}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FactoryError(f"--out {out}: cannot create directory ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise FactoryError(f"--out {out}: directory is not writable")
-    probe = out / ".write-test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise FactoryError(f"--out {out}: directory is not writable ({e.strerror or e})") from None
+    """A new run's folder: new, empty or holding other files (`factory run` writes job.json first), never a run."""
+    check_out_folder(out, "a search run", ("run.json", "search.db"), others="allow", resume=f"--resume {out}")
 
 
 def ladder_sizes(n: int, eta: int, rungs: int) -> list[int]:
@@ -189,15 +175,6 @@ class SearchRun:
         self.progress.update(generation=generation, best=self._best(rows), hypervolume=hv, note=note,
                              **self._counts(rows))
 
-    def _settings(self, rung: int = 0) -> dict:
-        c = self.config
-        return {
-            "train": {k: v for k, v in c.train_config(tokens=self.budgets[rung]).to_dict().items() if k != "threads"},
-            "corpus": c.corpus, "corpus_sha256": c.corpus_sha256, "mad_steps": c.mad_steps,
-            "metrics_context": c.context_for_metrics, "dtype": c.dtype, "target": c.target,
-            "workdir": str(self.out / "work"),
-        }
-
     def _row_kwargs(self, genome: Genome, candidate: Candidate, generation: int, rung: int = 0) -> dict:
         return dict(hash=candidate.hash, train_config_hash=self.tchs[rung], generation=generation, rung=rung,
                     tokens=self.budgets[rung], origin=candidate.origin, name=genome.name, genome=genome.to_dict(),
@@ -266,9 +243,8 @@ class SearchRun:
         todo: list[tuple[int, dict]] = []
         for i, c in enumerate(candidates):
             if self.store.find(c.hash, self.tchs[rung]) is None:
-                todo.append((i, {"hash": c.hash, "genome": c.genome.to_dict(), "stages": self.stages,
-                                 "stage_paths": {s: stage_path(s) for s in self.stages},
-                                 "settings": self._settings(rung)}))
+                todo.append((i, evaluation_request(self.config, c.hash, c.genome.to_dict(), self.stages,
+                                                   tokens=self.budgets[rung], workdir=str(self.out / "work"))))
         if todo and not self.stages:  # static objectives only: nothing to run in a worker
             for i, _ in todo:
                 self._commit(candidates[i], generation,
