@@ -6,8 +6,7 @@ retrained, final budget multiplier, seeds, profile repetitions). `factory search
 `factory finalize` keeps its own flags (defaults in FINALIZE_DEFAULTS). Both commands mean the same by each name.
 
 `quick` is `factory run`'s main job (the README's ~15 minutes on 2 cores): 6 layers, 65,536 tokens per candidate.
-Until this table, `factory search --preset quick` meant 4 layers and 32,768 tokens; those values are now `tiny`.
-`star` (STAR's population and generations at the reference genomes' size) and `standard` (the same search at a
+`tiny` is a smaller search (4 layers, 32,768 tokens) for trying a setting out. `star` (STAR's population and generations at the reference genomes' size) and `standard` (the same search at a
 longer context and budget, for bigger machines) are kept as they were.
 
 Stored runs do not depend on this table: run.json holds the whole search configuration and job.json the preset's
