@@ -388,7 +388,8 @@ def main(argv=None) -> int:
               "corpus": corpus.name, "corpus_sha256": corpus.sha256, "seq_len": args.seq_len,
               "batch_size": args.batch_size, "threads": args.threads, "mad_steps": args.mad_steps,
               "mad_n_train": args.mad_n_train, "mad_tasks": args.mad_tasks}
-    command = shlex.join(sys.orig_argv)
+    # Paths relative to the working directory, so the report names no machine's folders.
+    command = shlex.join(os.path.relpath(a) if os.path.isabs(a) and os.path.exists(a) else a for a in sys.orig_argv)
     settings = {k: v for k, v in config.items() if k != "threads"}
     log = args.out / "commands.jsonl"  # which invocations trained into this cache, for the report
     if not args.report_only:
