@@ -14,6 +14,7 @@ from factory.ops import registry
 
 REFS = reference_genomes()
 SPACE = SearchSpace.create(n_layers=6, d_model=64, context=128)
+NO_LATENTS = SearchSpace.create(n_layers=6, d_model=64, context=128, latents=0)
 CODEC = GenomeCodec(n_layers=6)
 
 
@@ -60,8 +61,10 @@ def test_repair_of_any_vector_is_valid_canonical_and_deterministic(vector):
 @given(vectors)
 def test_space_projection_keeps_frozen_genes(vector):
     g = SPACE.repair(vector)
-    assert (g.d_model, g.context, g.latents) == (64, 128, 0)
+    assert (g.d_model, g.context) == (64, 128)
+    assert 0 <= g.latents < g.context  # the latent count is a free gene (Perceiver-AR in the search)
     assert SPACE.contains(g)
+    assert NO_LATENTS.repair(vector).latents == 0  # and frozen where a space fixes it
 
 
 def test_equal_architectures_hash_equal():

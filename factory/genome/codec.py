@@ -48,7 +48,7 @@ def op_domains() -> dict[str, tuple]:
         values = {getattr(default, name)}
         for cls in fams.values():
             values.update(cls.choices.get(name, ()))
-        if name in ("differential", "shortcut"):
+        if name == "shortcut":  # a wrapper, not a family's choice: every token mixer accepts it
             values = {False, True}
         out[name] = tuple(sorted(values, key=lambda v: (str(type(v)), v)))
     return out
