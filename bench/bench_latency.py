@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from measure_passes import (distinct_samples, drift_corrected, export_all,  # bench/measure_passes.py: the measuring
+from measure_passes import (distinct_samples, drift_corrected, export_all, export_for_target,  # bench/measure_passes.py: the measuring
                             measure_in_passes, odd_even_gaps)               # protocol of the benchmarks
 
 
@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=None,
-                    help="prefill repetitions per profile (default: the search's, factory.search.latency.PROFILE_REPEATS)")
+                    help="prefill repetitions per profile (default: the search's, profiles.latency.PROFILE_REPEATS)")
     ap.add_argument("--passes", type=int, default=10,
                     help="profile every export this many times, each pass after all of the previous one")
     ap.add_argument("--run", type=Path, default=None)
@@ -138,7 +138,7 @@ def main() -> int:
     from factory.features import VIEWS, latency_features
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
-    from factory.search.latency import PROFILE_REPEATS, STATISTICS, export_for_target, representative_here
+    from profiles.latency import PROFILE_REPEATS, STATISTICS, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
     from profiles.latency_model import (_fit_views, _held_out_errors, accuracy_summary, cross_validate, fit_best_view,
@@ -240,7 +240,7 @@ def main() -> int:
             noise[q].update({**ceiling("lowest_halves_", odd_even_gaps(raw, np.min)), "aggregate": AGGREGATES[q],
                              **ceiling("halves_", odd_even_gaps(values, aggregate[q]))})
 
-    def steady_key(metric: str) -> str:  # what the factory fits a metric's model on (factory.search.latency.STATISTICS)
+    def steady_key(metric: str) -> str:  # what the factory fits a metric's model on (profiles.latency.STATISTICS)
         return f"{metric}_{STATISTICS[metric][0]}"
 
     rows_of = {metric: {v: [view(s["features"][metric]) for s in samples] for v, view in VIEWS.items()}

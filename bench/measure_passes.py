@@ -39,6 +39,31 @@ def distinct_samples(space, n: int) -> list:
     return genomes
 
 
+def export_for_target(model, target, out: Path, corpus: str | None = None) -> Path:
+    """A release export (export/pipeline.py) of an in-memory model for the target into `out`: the folders these
+    benchmarks keep and measure in passes. (The search measures a candidate through export.measure and keeps
+    nothing.)"""
+    import shutil
+    import tempfile
+
+    from export.pipeline import ExportRequest, export_checkpoint
+    from factory import measure_gate
+    from factory.data.corpus import load_corpus
+    from factory.train import TrainConfig, TrainResult, save_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=".checkpoint-"))
+    try:
+        untrained = TrainResult(status="ok", val_loss=float("nan"), val_bpb=float("nan"), tokens=0, steps=0,
+                                wall_s=0.0, tokens_per_s=0.0)
+        save_checkpoint(scratch, model, untrained, TrainConfig(tokens=1), load_corpus(corpus))
+        with measure_gate.working():  # heavy, multi-threaded: never beside a measurement
+            export_checkpoint(ExportRequest(checkpoint=scratch, out=out, target=target, corpus=corpus))
+        return out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def export_all(entries: dict[str, dict], export: Callable[[str], Path], save: Callable[[], None]) -> dict[str, Path]:
     """{key: export(key)} for every entry not marked "failed"; an export that raises FactoryError marks its entry
     failed (saved) instead of stopping the run."""

@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_leaves
 
 from factory.genome.codec import FAMILY_ORDER
 from factory.genome.metrics import cache_bytes, layer_flops, param_count
-from factory.genome.schema import Genome
+from factory.genome.schema import Genome, GenomeError
 from factory.ops import registry
 
 FAMILIES = (*FAMILY_ORDER, "latent_cross")
@@ -237,3 +237,20 @@ def latency_features(genome: Genome, metric: str, prompt_length: int, decode_con
                      "weights_mb": param_count(genome) * bytes_per_weight / 1e6,
                      "state_mb": cache_bytes(genome, context) / 1e6})
     return VIEWS[view](features)
+
+
+def featurizer(target):
+    """The latency loop's `featurize(genome or its dict, metric) -> {view: features}` (profiles.latency) at the
+    target's prompt length and decode context; None for a stored genome of an older schema (its operators changed
+    meaning)."""
+
+    def featurize(genome, metric: str) -> dict | None:
+        if isinstance(genome, dict):
+            try:
+                genome = Genome.from_dict(genome)
+            except GenomeError:
+                return None
+        features = latency_features(genome, metric, target.prompt_length, target.decode_context)
+        return {name: view(features) for name, view in VIEWS.items()}
+
+    return featurize

@@ -95,12 +95,10 @@ def _slug(model: dict) -> str:
     return "".join(c if c.isalnum() or c in "-_+." else "-" for c in name)
 
 
-def stage_export(job: JobConfig, out: Path, final: dict, say) -> dict[str, Path]:
+def stage_export(job: JobConfig, target, out: Path, final: dict, say) -> dict[str, Path]:
     """Export every finalized model's first-seed checkpoint with the target's quantization (skip finished ones)."""
     from export.pipeline import ExportRequest, export_checkpoint
-    from targets import load_target
 
-    target = load_target(job.target)
     exports = {}
     for m in final["models"]:
         if not m["n_ok"]:
@@ -118,14 +116,12 @@ def stage_export(job: JobConfig, out: Path, final: dict, say) -> dict[str, Path]
     return exports
 
 
-def stage_profile(job: JobConfig, out: Path, exports: dict[str, Path], say) -> dict[str, dict]:
+def stage_profile(job: JobConfig, target, out: Path, exports: dict[str, Path], say) -> dict[str, dict]:
     """Measure each export on this machine under the target's protocol (float32 and the deployed variant)."""
     from factory import measure_gate
-    from factory.search.latency import representative_here
+    from profiles.latency import representative_here
     from profiles.profiler import profile_artifact
-    from targets import load_target
 
-    target = load_target(job.target)
     ok, why = representative_here(target)
     results: dict[str, dict] = {}
     if not ok:
@@ -177,10 +173,9 @@ def build_report(job: JobConfig, out: Path, final: dict, exports: dict, profiles
     from factory.search.outputs import summary
     from factory.search.run import read_run
     from factory.search.store import Store
-    from targets import load_target
 
-    target = load_target(job.target)
     config = read_run(out)
+    target = config.target
     with Store(out / "search.db", readonly=True) as store:
         status = summary(store, config, with_genomes=True)
         rows = store.evaluations(config.train_config_hash())
@@ -278,11 +273,8 @@ def run_job(job: JobConfig | None, out: Path, resume: bool = False, progress=Non
     else:
         if job.preset not in PRESETS:
             raise FactoryError(f"unknown preset {job.preset!r} (choose from {', '.join(PRESETS)})")
-        from targets import load_target
-
-        load_target(job.target)  # fail on a bad target before creating anything
         job = replace(job, preset_values=job.settings().to_dict())
-        search_config(job)  # and on bad settings
+        search_config(job)  # a bad target or bad settings fail here, before anything is created
         check_out_folder(out, "a factory run", ("job.json",), resume=f"`factory run --resume {out}`")
         atomic_json(out / "job.json", {"format": JOB_FORMAT, "config": job.to_dict(), "created_at": time.time()})
     started = time.time()
@@ -290,10 +282,13 @@ def run_job(job: JobConfig | None, out: Path, resume: bool = False, progress=Non
     stage_search(job, out, progress)
     say("[2/5] finalize: retraining the best and the baselines")
     final = stage_finalize(job, out, progress)
+    from factory.search.run import read_run
+
+    target = read_run(out).target  # the Target the search ran against, as its run.json records it
     say("[3/5] export")
-    exports = stage_export(job, out, final, say)
+    exports = stage_export(job, target, out, final, say)
     say("[4/5] profile")
-    profiles = stage_profile(job, out, exports, say)
+    profiles = stage_profile(job, target, out, exports, say)
     say("[5/5] report")
     report = build_report(job, out, final, exports, profiles, started)
     paths = write_report(report, out)

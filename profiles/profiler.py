@@ -70,13 +70,17 @@ def _notes(manifest: dict, variant: str, target: Target, result: dict) -> list[s
     return notes
 
 
-def prepare_profile(export_dir: str | Path, target: Target | str, variant: str | None = None) -> tuple[Target, dict, str]:
-    """Every check that needs no measuring: (target, manifest, variant), or a one-line FactoryError."""
-    target = load_target(target)
-    try:  # first: a target whose provider is missing here is not measurable, whatever the export holds
+def check_provider(target: Target) -> None:
+    try:
         runner.check_provider(target.provider)
     except runner.ProviderUnavailable as e:
         raise FactoryError(f"target {target.name}: {e}") from None
+
+
+def prepare_profile(export_dir: str | Path, target: Target | str, variant: str | None = None) -> tuple[Target, dict, str]:
+    """Every check that needs no measuring: (target, manifest, variant), or a one-line FactoryError."""
+    target = load_target(target)
+    check_provider(target)  # first: a target whose provider is missing here is not measurable, whatever the export holds
     manifest = read_export(export_dir)
     return target, manifest, choose_variant(manifest, target, variant, export_dir)
 
@@ -109,10 +113,21 @@ def profile_artifact(
         raise FactoryError(f"{export_dir}: manifest.json has no genome_hash, so the measurement cannot be stored (use record=False)")
     if record:
         store.archive_genome(manifest)
+    result = measure_variant(export_dir, manifest, chosen, target, repeats, decode_repeats, top_ops, memory)
+    if record:
+        record_measurement(target, result, source="local")
+    return result
+
+
+def measure_variant(export_dir: str | Path, manifest: dict, variant: str, target: Target,
+                    repeats: int = runner.DEFAULT_REPEATS, decode_repeats: int | None = None, top_ops: int = 0,
+                    memory: bool = True) -> dict:
+    """Measure one variant of the graphs `manifest` describes (paths relative to `export_dir`) for `target`: the
+    protocol's result with the target's name, fingerprint, budgets and notes. Nothing is recorded."""
     try:
         result = runner.measure(
             str(export_dir),
-            chosen,
+            variant,
             target.providers,
             target.session_provider_options(),
             target.threads,
@@ -132,9 +147,7 @@ def profile_artifact(
             "target_fingerprint": target.fingerprint(),
             "export_dir": str(Path(export_dir).resolve()),
             "within_budget": _within_budget(result, target),
-            "notes": _notes(manifest, chosen, target, result),
+            "notes": _notes(manifest, variant, target, result),
         }
     )
-    if record:
-        record_measurement(target, result, source="local")
     return result

@@ -97,9 +97,11 @@ def make_record(target, measurement: dict, source: str = "local") -> dict:
     }
 
 
-def append_records(target_name: str, records: Iterable[dict], skip_known_ids: bool = True) -> tuple[int, int]:
-    """Append records to the target's store; returns (written, skipped as already present)."""
-    path = measurements_path(target_name)
+def append_records(target_name: str, records: Iterable[dict], skip_known_ids: bool = True,
+                   path: Path | None = None) -> tuple[int, int]:
+    """Append records to the target's store (or to the store file `path`: a search run keeps its own); returns
+    (written, skipped as already present)."""
+    path = path or measurements_path(target_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+", encoding="utf-8") as f:
@@ -127,10 +129,11 @@ def append_records(target_name: str, records: Iterable[dict], skip_known_ids: bo
         raise FactoryError(f"cannot write the measurement store {path}: {e.strerror or e}") from None
 
 
-def record_measurement(target, measurement: dict, source: str = "local") -> dict:
-    """Store one measurement (a `profile_artifact` result) for `target` (a Target or a name); returns the record."""
+def record_measurement(target, measurement: dict, source: str = "local", path: Path | None = None) -> dict:
+    """Store one measurement (a `profile_artifact` result) for `target` (a Target or a name) in its store (or in the
+    store file `path`); returns the record."""
     record = make_record(target, measurement, source)
-    append_records(record["target"], [record], skip_known_ids=False)
+    append_records(record["target"], [record], skip_known_ids=False, path=path)
     return record
 
 
@@ -149,10 +152,12 @@ def _parse_lines(text: str) -> list[dict]:
     return records
 
 
-def load_measurements(target, protocol_version: int | None = None, genome_hash: str | None = None) -> list[dict]:
-    """Every stored record of `target` (a Target or a name), oldest first, optionally filtered."""
+def load_measurements(target, protocol_version: int | None = None, genome_hash: str | None = None,
+                      path: Path | None = None) -> list[dict]:
+    """Every stored record of `target` (a Target or a name), oldest first, optionally filtered; from the store file
+    `path` when given."""
     name, _ = _target_name_and_fingerprint(target)
-    path = measurements_path(name)
+    path = path or measurements_path(name)
     if not path.is_file():
         return []
     try:

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the measuring helpers it shares
 
-from measure_passes import distinct_samples, export_all, lowest, measure_in_passes  # noqa: E402
+from measure_passes import distinct_samples, export_all, export_for_target, lowest, measure_in_passes  # noqa: E402
 
 QUANTITIES = ("decode_p50", "decode_p95", "prefill_p50")
 
@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--genomes", type=int, default=24)
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=None,
-                    help="prefill repetitions per profile (default: the search's, factory.search.latency.PROFILE_REPEATS)")
+                    help="prefill repetitions per profile (default: the search's, profiles.latency.PROFILE_REPEATS)")
     ap.add_argument("--exports", type=Path, default=None, help="a folder of exports named by genome hash to reuse")
     ap.add_argument("--out", type=Path, default=Path("bench/out/gate"))
     args = ap.parse_args()
@@ -72,7 +72,7 @@ def main() -> int:
     from factory import measure_gate
     from factory.genome.space import SearchSpace
     from factory.model import LIVModel
-    from factory.search.latency import PROFILE_REPEATS, export_for_target, representative_here
+    from profiles.latency import PROFILE_REPEATS, representative_here
     from factory.search.outputs import atomic_write
     from profiles.profiler import profile_artifact
     from targets import load_target

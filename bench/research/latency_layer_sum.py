@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the measuring helpers it shares
 
-from measure_passes import export_all, lowest, measure_in_passes  # noqa: E402
+from measure_passes import export_all, export_for_target, lowest, measure_in_passes  # noqa: E402
 
 
 def main() -> int:
@@ -49,7 +49,6 @@ def main() -> int:
 
     from factory.genome.schema import Genome, LayerGene
     from factory.model import LIVModel
-    from factory.search.latency import export_for_target
     from factory.search.outputs import atomic_write
     from profiles.latency_model import cross_validate
     from profiles.profiler import profile_artifact

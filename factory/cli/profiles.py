@@ -95,8 +95,9 @@ def model_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Fit the target's latency model on its stored measurements and show its held-out accuracy."""
-    from factory.search.latency import (MIN_SAMPLES_TO_PREDICT, STATISTICS, fit_latency_model, latency_metric,
-                                        training_samples)
+    from factory.features import featurizer
+    from profiles.latency import MIN_SAMPLES_TO_PREDICT, STATISTICS, fit, training_samples
+    from profiles.store import load_measurements
     from targets import load_target
 
     resolved = load_target(target)
@@ -104,14 +105,13 @@ def model_command(
         fail(f"--metric must be decode or prefill, got {metric!r}")
     if source not in ("all", "board"):
         fail(f"--source must be all or board, got {source!r}")
-    metric = metric or latency_metric(resolved)
-    board = "board" if source == "board" else None
-    model = fit_latency_model(resolved, metric, board)
+    metric = metric or resolved.latency_metric
+    stored = load_measurements(resolved)
+    records = [r for r in stored if source == "all" or str(r.get("source", "")).startswith("board:")]
+    model = fit(records, resolved, metric, featurizer(resolved))
     if model is None:
-        from profiles.store import load_measurements
-
-        n = len(training_samples(resolved, metric, board)[1])
-        others = len(load_measurements(resolved)) - n
+        n = len(training_samples(records, resolved, metric, featurizer(resolved)).budget)
+        others = len(stored) - n
         why = (f"; {others} other records were measured with other settings (threads, provider, prompt length, "
                f"context, protocol) or repeat a genome" if others > 0 else "")
         fail(f"{resolved.name}: {n} usable {metric} measurements stored, the latency model needs at least "

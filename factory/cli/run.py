@@ -30,7 +30,7 @@ def run_command(
     if resume is not None:
         if out is not None or target is not None:
             fail("--resume takes the run folder alone (its settings are in job.json)")
-        progress = RichProgress(generations=read_job(resume).settings().generations)
+        progress = RichProgress(console, generations=read_job(resume).settings().generations)
         result = run_job(None, resume, resume=True, progress=progress)
     else:
         if out is None:
@@ -43,7 +43,7 @@ def run_command(
             positive_int(workers, "--workers")
         job = JobConfig(target=target or DEFAULT_TARGET, preset=preset, corpus=corpus, workers=workers,
                         executor=executor, ray_address=ray_address, seed=seed)
-        result = run_job(job, out, progress=RichProgress(generations=PRESETS[preset].generations))
+        result = run_job(job, out, progress=RichProgress(console, generations=PRESETS[preset].generations))
     if as_json:
         emit_json(result)
     else:

@@ -117,7 +117,7 @@ def search(
         from factory.search.run import read_run, resume_search
 
         config = read_run(resume)
-        progress = RichProgress(generations=generations or config.generations)
+        progress = RichProgress(console, generations=generations or config.generations)
         result = resume_search(resume, progress, workers=workers, executor=executor, ray_address=ray_address,
                                generations=generations)
         run_dir = resume
@@ -128,7 +128,7 @@ def search(
         config = _build_config(locals())
         from factory.search.run import start_search
 
-        progress = RichProgress(generations=config.generations)
+        progress = RichProgress(console, generations=config.generations)
         result = start_search(config, out, progress)
         run_dir = out
     if as_json:
@@ -222,7 +222,7 @@ def finalize_command(
     from factory.search.progress import RichProgress
 
     data = finalize(run_dir, top_k=top_k, multiplier=multiplier, seeds=seeds, workers=workers, executor=executor,
-                    ray_address=ray_address, progress=RichProgress(), checkpoints=checkpoints)
+                    ray_address=ray_address, progress=RichProgress(console), checkpoints=checkpoints)
     if as_json:
         emit_json(data)
         return

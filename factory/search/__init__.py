@@ -4,7 +4,8 @@ Modules, each small: `config` (run settings, run.json), `objectives` (objective 
 `problem` (space + objectives + budgets), `operators` (sampling, crossover, mutation, repair, budget repair),
 `algorithm` (NSGA-II steps on pymoo's machinery), `seeding` (space, adapted references), `evaluate` (worker side),
 `executors` (inline, process pool, Ray), `store` (SQLite), `run` (the loop, resume), `outputs`, `plots`,
-`analysis` (motifs), `finalize` (longer retraining against the baselines), `target_bridge` (--target).
+`analysis` (motifs), `finalize` (longer retraining against the baselines), `latency` (the latency loop: the
+profile stage, the prefilter and the run's measurement store).
 """
 
 from factory.search.config import Budgets, SearchConfig

@@ -80,8 +80,7 @@ class SearchConfig:
     budgets: Budgets = field(default_factory=Budgets)
     metrics_context: int | None = None  # context the cache/flops/memory are measured at (None: `context`)
     dtype: str = "float32"  # bytes per element for cache and memory
-    target: str | None = None
-    target_fingerprint: str | None = None
+    target: object | None = None  # the resolved targets.Target; run.json keeps all of its settings
     # evolution
     population: int = DEFAULTS["population"]
     generations: int = DEFAULTS["generations"]
@@ -186,6 +185,8 @@ class SearchConfig:
             value = getattr(self, f.name)
             if isinstance(value, Budgets):
                 value = value.to_dict()
+            elif f.name == "target" and value is not None:
+                value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -196,10 +197,14 @@ class SearchConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in data.items():
+            if key == "target_fingerprint":  # runs that stored the target by name kept its hash beside it
+                continue
             if key not in known:
                 raise FactoryError(f"run.json: unknown setting {key!r} (written by a newer version?)")
             if key == "budgets":
                 value = Budgets(**value)
+            elif key == "target":
+                value = stored_target(value)
             elif isinstance(value, list):
                 value = tuple(value)
             kwargs[key] = value
@@ -212,11 +217,27 @@ class SearchConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def from_target(target: str | None, preset=None, overrides: dict | None = None) -> SearchConfig:
+def stored_target(value):
+    """The Target of a stored configuration: its settings (a dict, as run.json and worker requests carry it), or
+    the name of a built-in or the path of a .toml file (run.json files that stored the target by name); None."""
+    if value is None or not isinstance(value, (str, dict)):
+        return value
+    from targets import load_target, parse_target
+
+    if isinstance(value, str):
+        return load_target(value)
+    settings = {k: v for k, v in value.items() if v is not None and k != "source"}
+    settings["constraints"] = {k: v for k, v in (settings.get("constraints") or {}).items() if v is not None}
+    return parse_target(settings, source=value.get("source", ""))
+
+
+def from_target(target, preset=None, overrides: dict | None = None) -> SearchConfig:
     """The one builder of a new run's configuration (`factory search`, `factory run`), validated.
 
-    Defaults < `preset` (a name in factory.presets.PRESETS or a Preset) < `target` (its objectives, budgets,
-    metrics context and dtype) < `overrides` (SearchConfig fields; None values are left out). `objectives` and
+    Defaults < `preset` (a name in factory.presets.PRESETS or a Preset) < `target` (a Target, a built-in's name or
+    a .toml path: its objectives, budgets (constraints), decode context as the metrics context, and dtype (float16
+    targets keep cache and memory in 2 bytes; others in 4, since int8 dynamic quantization keeps activations and
+    state in float32)) < `overrides` (SearchConfig fields; None values are left out). `objectives` and
     `families` may be comma lists; the budgets `max_params`, `max_cache_bytes`, `max_memory_bytes` may be sizes
     like "64KiB". Without a preset the sequence length follows the context (min(128, context)) unless given.
     A stored run is never rebuilt through here: run.json is read as written (`SearchConfig.from_dict`)."""
@@ -232,11 +253,12 @@ def from_target(target: str | None, preset=None, overrides: dict | None = None) 
         settings.update(preset.search_settings())
     budgets = dict.fromkeys(Budgets.METRICS)
     if target is not None:
-        from factory.search.target_bridge import target_defaults
+        from targets import load_target
 
-        t = target_defaults(target)
-        settings.update({k: t[k] for k in ("target", "target_fingerprint", "objectives", "metrics_context", "dtype")})
-        budgets.update({k: t[k] for k in budgets})
+        target = load_target(target)  # raises FactoryError with a one-line reason
+        settings.update(target=target, objectives=tuple(target.objectives), metrics_context=target.decode_context,
+                        dtype="float16" if target.precision == "float16" else "float32")
+        budgets.update(target.constraints.to_dict())
     if "eta" in overrides and overrides.get("rungs", 1) < 2:
         raise FactoryError(f"--eta {overrides['eta']} only matters with successive halving: add --rungs 2 or more")
     for key in ("objectives", "families"):
@@ -257,7 +279,7 @@ def from_target(target: str | None, preset=None, overrides: dict | None = None) 
         resolve_objectives(settings["objectives"])  # unknown objective: one line now, before anything else
     except Exception as e:
         if target is not None and "objectives" not in overrides:
-            raise FactoryError(f"target {target}: {e}; choose others with --objectives (e.g. quality,cache)") from None
+            raise FactoryError(f"target {target.name}: {e}; choose others with --objectives (e.g. quality,cache)") from None
         raise
     return SearchConfig(budgets=Budgets(**budgets), **settings).validate()
 

@@ -8,16 +8,16 @@ measurements, which the store keeps next to the objectives.
 Stages are named by a dotted path ("module:function") instead of a function object, so that a worker process
 (spawned, or a Ray worker on another machine) can import the same code; registering in the parent is enough.
 
-Plugging in a measured objective (the "latency" and "memory" work) takes two calls, e.g.:
+Adding a measured objective takes two calls, e.g.:
 
-    register_stage("profile", "factory.search.latency:profile_stage")
+    register_stage("power", "mypackage.power:power_stage")
     register_objective(Objective(
-        name="latency", needs=("profile",), needs_training=False, label="decode p95 (ms)",
-        fn=lambda genome, record, ctx: record.measurements["profile"]["decode_ms_p95"]))
+        name="energy", needs=("power",), label="energy per token (mJ)",
+        fn=lambda genome, record, ctx: record.measurements["power"]["mj_per_token"]))
 
-A stage function has the signature `fn(ctx: StageContext) -> dict` (see `factory.search.evaluate`). Objectives
-named in `_PLUGINS` are registered on first use by importing their module, so `--objectives latency` works as
-soon as that module exists. `register_constraint` adds a static pre-training check (e.g. a latency predictor).
+A stage function has the signature `fn(ctx: StageContext) -> dict` (see `factory.search.evaluate`). The built-in
+measured objectives, latency and memory, need the "profile" stage (`factory.search.latency`, the latency loop).
+`register_constraint` adds a static pre-training check (e.g. the latency prefilter).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ class EvalRecord:
 
 @dataclass(frozen=True)
 class ObjectiveContext:
-    """Run-level facts an objective may need (the context its cache is measured at, the dtype, the target)."""
+    """Run-level facts an objective may need (the context its cache is measured at, the dtype, the Target)."""
 
     metrics_context: int
     dtype: str = "float32"
-    target: str | None = None
+    target: object | None = None  # a targets.Target
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class Objective:
 _STAGES: dict[str, str] = {
     "train": "factory.search.evaluate:train_stage",
     "mad": "factory.search.evaluate:mad_stage",
+    "profile": "factory.search.latency:profile_stage",
 }
 
 
@@ -98,7 +99,8 @@ def evaluation_request(config, genome_hash: str, genome: dict, stages, *, tokens
         "train": {k: v for k, v in train.items() if k != "threads"},
         "corpus": config.corpus, "corpus_sha256": config.corpus_sha256,
         "mad_steps": config.mad_steps if mad_steps is None else mad_steps,
-        "metrics_context": config.context_for_metrics, "dtype": config.dtype, "target": config.target, **extra,
+        "metrics_context": config.context_for_metrics, "dtype": config.dtype,
+        "target": None if config.target is None else config.target.to_dict(), **extra,
     }
     return {"hash": genome_hash, "genome": genome, "stages": list(stages),
             "stage_paths": {s: stage_path(s) for s in stages}, "settings": settings}
@@ -116,22 +118,6 @@ def stages_for(objectives: list["Objective"]) -> list[str]:
 
 # -- objectives ----------------------------------------------------------------------------------------------------
 _OBJECTIVES: dict[str, Objective] = {}
-# Objectives provided by other packages, registered on first use: name -> "module:function" that registers them.
-_PLUGINS: dict[str, str] = {
-    "latency": "factory.search.latency:register",
-    "memory": "factory.search.latency:register",
-}
-
-
-def _load_plugin(name: str) -> None:
-    import importlib
-
-    module, _, func = _PLUGINS[name].partition(":")
-    try:
-        register = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError):
-        return  # not built yet: reported as an unknown objective
-    register()
 
 
 def register_objective(objective: Objective) -> None:
@@ -145,13 +131,8 @@ def objective_names() -> list[str]:
 
 
 def get_objective(name: str) -> Objective:
-    if name not in _OBJECTIVES and name in _PLUGINS:
-        _load_plugin(name)
     if name not in _OBJECTIVES:
-        hint = ""
-        if name in ("latency", "memory"):
-            hint = " (measured objectives need a profiling stage that is not registered in this build)"
-        raise FactoryError(f"unknown objective {name!r}{hint}; known: {', '.join(_OBJECTIVES)}")
+        raise FactoryError(f"unknown objective {name!r}; known: {', '.join(_OBJECTIVES)}")
     return _OBJECTIVES[name]
 
 
@@ -166,7 +147,8 @@ def resolve_objectives(names) -> list[Objective]:
 
 
 # -- static constraints beyond the budgets ---------------------------------------------------------------------------
-# name -> builder(SearchConfig) -> constraint or None (not applicable to that run). A constraint has
+# name -> builder(SearchConfig, the run's RunMeasurements or None) -> constraint or None (not applicable to that
+# run). A constraint has
 # `violation(genome) -> (float >= 0, reason)` and, optionally, `refresh()`, called before each generation proposes
 # children (e.g. to re-fit a latency predictor as measurements arrive). A violating genome is repaired or rejected
 # before training, exactly like an over-budget one.
@@ -177,10 +159,10 @@ def register_constraint(name: str, builder: Callable) -> None:
     _CONSTRAINTS[name] = builder
 
 
-def build_constraints(config) -> list:
+def build_constraints(config, measurements=None) -> list:
     out = []
     for builder in _CONSTRAINTS.values():
-        constraint = builder(config)
+        constraint = builder(config, measurements)
         if constraint is not None:
             out.append(constraint)
     return out
@@ -215,3 +197,35 @@ register_objective(Objective(
 register_objective(Objective(
     "flops", lambda g, r, c: float(r.static["flops_decode_per_token"]), label="decode FLOPs per token",
     description="matmul FLOPs of one decode step at the metrics context"))
+
+
+# -- the measured objectives (the latency loop: factory.search.latency) ----------------------------------------------
+def _latency(genome, record: EvalRecord, ctx: ObjectiveContext) -> float:
+    from profiles.latency import latency_ms
+
+    return latency_ms(record.measurements["profile"], ctx.target)
+
+
+def _memory(genome, record: EvalRecord, ctx: ObjectiveContext) -> float:
+    return float(record.measurements["profile"]["peak_rss_mb"])
+
+
+def _measurable(ctx: ObjectiveContext) -> None:
+    from factory.search.latency import preflight
+
+    preflight(ctx)
+
+
+def _latency_prefilter(config, measurements):
+    from factory.search.latency import prefilter
+
+    return prefilter(config, measurements)
+
+
+register_objective(Objective(
+    "latency", _latency, needs=("profile",), label="latency on the target (ms)", preflight=_measurable,
+    description="measured onnxruntime latency on the target (decode p95 or prefill p50)"))
+register_objective(Objective(
+    "memory", _memory, needs=("profile",), label="peak resident memory (MB)", preflight=_measurable,
+    description="peak RSS of the onnxruntime process running the model"))
+register_constraint("latency_prefilter", _latency_prefilter)

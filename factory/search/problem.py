@@ -42,13 +42,16 @@ class ArchitectureProblem:
         self._check_cache: dict[str, StaticCheck] = {}
 
     @classmethod
-    def from_config(cls, config: SearchConfig) -> "ArchitectureProblem":
+    def from_config(cls, config: SearchConfig, measurements=None) -> "ArchitectureProblem":
+        """`measurements`: the run's store (factory.search.latency.run_measurements), which constraints such as
+        the latency prefilter read; None before the run's folder exists."""
         from factory.search.objectives import build_constraints
         from factory.search.seeding import build_space
 
         space = build_space(config)
         ctx = ObjectiveContext(metrics_context=config.context_for_metrics, dtype=config.dtype, target=config.target)
-        return cls(space, resolve_objectives(config.objectives), config.budgets, ctx, build_constraints(config))
+        return cls(space, resolve_objectives(config.objectives), config.budgets, ctx,
+                   build_constraints(config, measurements))
 
     def preflight(self) -> None:
         for obj in self.objectives:

@@ -28,10 +28,10 @@ class Progress:
 
 
 class RichProgress(Progress):
-    def __init__(self, console=None, generations: int = 0):
-        from factory.cli.common import console as default_console
+    """Reports to a rich Console (the CLI's, on stderr)."""
 
-        self.console = console or default_console
+    def __init__(self, console, generations: int = 0):
+        self.console = console
         self.generations = generations
         self._bar = None
         self._task = None

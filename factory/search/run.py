@@ -29,6 +29,7 @@ from factory.genome.schema import Genome
 from factory.search.algorithm import NSGA2, Candidate, Member, hv_bounds, hypervolume, member_violation
 from factory.search.config import RUN_FORMAT, SearchConfig
 from factory.search.executors import make_executor
+from factory.search.latency import board_data, run_measurements
 from factory.search.objectives import EvalRecord, evaluation_request
 from factory.search.operators import BudgetRepair, LayerClassCrossover, PerGeneMutation, RandomSampling, SpaceRepair
 from factory.io import atomic_write, check_out_folder
@@ -143,11 +144,13 @@ def check_budgets(config: SearchConfig, problem: ArchitectureProblem | None = No
 
 
 class SearchRun:
-    def __init__(self, out: Path, config: SearchConfig, progress: Progress | None = None):
+    def __init__(self, out: Path, config: SearchConfig, progress: Progress | None = None, board: dict | None = None):
         self.out = Path(out)
         self.config = config
         self.progress = progress or Progress()
-        self.problem = ArchitectureProblem.from_config(config)
+        # the run's measurement store: its own measurements in DIR, and the board data run.json records (`board`)
+        self.board = board
+        self.problem = ArchitectureProblem.from_config(config, run_measurements(config, self.out, board))
         self.algorithm = build_algorithm(config, self.problem)
         self.budgets = config.rung_budgets()  # training tokens per rung (one rung without multi-fidelity)
         self.tchs = config.rung_hashes()  # train config hash per rung; rung 0's is config.train_config_hash()
@@ -244,7 +247,8 @@ class SearchRun:
         for i, c in enumerate(candidates):
             if self.store.find(c.hash, self.tchs[rung]) is None:
                 todo.append((i, evaluation_request(self.config, c.hash, c.genome.to_dict(), self.stages,
-                                                   tokens=self.budgets[rung], workdir=str(self.out / "work"))))
+                                                   tokens=self.budgets[rung], workdir=str(self.out / "work"),
+                                                   measurements={"folder": str(self.out), "board": self.board})))
         if todo and not self.stages:  # static objectives only: nothing to run in a worker
             for i, _ in todo:
                 self._commit(candidates[i], generation,
@@ -368,11 +372,13 @@ def start_search(config: SearchConfig, out: Path, progress: Progress | None = No
         raise FactoryError(f"corpus {corpus.name}: validation split too short for --seq-len {config.seq_len}")
     config = replace(config, corpus_sha256=corpus.sha256)
     check_budgets(config, problem)
+    board = board_data(config) if "profile" in problem.stages else None
     out = Path(out)
     prepare_new_dir(out)
     with DirLock(out):
-        write_run(out, config, {"created_at": time.time(), "space_fingerprint": space_fingerprint(config)})
-        run = SearchRun(out, config, progress)
+        write_run(out, config, {"created_at": time.time(), "space_fingerprint": space_fingerprint(config),
+                                **({"board_data": board} if board is not None else {})})
+        run = SearchRun(out, config, progress, board)
         try:
             return run.run()
         finally:
@@ -388,14 +394,21 @@ def resume_search(out: Path, progress: Progress | None = None, **execution) -> d
         if changed.generations < config.generations:
             raise FactoryError(f"--generations {changed.generations}: a run cannot shrink "
                                f"(it was started with {config.generations})")
-        stored = json.loads((out / "run.json").read_text()).get("space_fingerprint")
+        written = json.loads((out / "run.json").read_text())
+        stored = written.get("space_fingerprint")
         now = space_fingerprint(changed)
         if stored and stored != now and progress is not None:
             progress.log("warning: the operator registry changed since this run started (gene domains differ): "
                          "completed evaluations are reused, but later generations will not replay the original run")
-        if changed != config:
-            write_run(out, changed, {"resumed_at": time.time(), "space_fingerprint": stored or now})
-        run = SearchRun(out, changed, progress)
+        board = written.get("board_data")
+        # a run started before runs recorded their board data records what it uses from now on
+        recording = board is None and "profile" in ArchitectureProblem.from_config(changed).stages
+        if recording:
+            board = board_data(changed)
+        if changed != config or recording:
+            write_run(out, changed, {"resumed_at": time.time(), "space_fingerprint": stored or now,
+                                     **({"board_data": board} if board is not None else {})})
+        run = SearchRun(out, changed, progress, board)
         try:
             return run.run()
         finally:
