@@ -132,18 +132,20 @@ def test_grouped_projection_moves_more_than_dense():
 
 
 def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch, capsys):
-    """The product path on real measurements: export + onnxruntime profile of 8 depths of one design, stored in the
-    target's measurement store, then the per-target model fitted from the store and cross-validated, also through
-    `factory profiles model`."""
+    """The product path on real measurements: the measuring export + onnxruntime profile of 8 depths of one design,
+    kept in a run's measurement store, then the per-target model fitted from it and cross-validated; the same
+    measurements in the target's shared store, through `factory profiles model`."""
     import json
     from pathlib import Path
 
     from factory.cli import main as cli_main
+    from factory.features import featurizer
     from factory.genome.schema import Genome, LayerGene
     from factory.model import LIVModel
     from factory.ops import registry
-    from factory.search.latency import fit_latency_model, measure_model, predict_ms
-    from profiles.store import load_measurements
+    from factory.search.latency import measure_model
+    from profiles.latency import RunMeasurements, fit, predict
+    from profiles.store import archive_genome, load_measurements, record_measurement
     from targets import load_target
 
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
@@ -171,18 +173,25 @@ def test_fits_latency_measured_with_onnxruntime(tmp_path, monkeypatch, capsys):
             code = 0
         return code, capsys.readouterr()
 
+    run = RunMeasurements(target, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    featurize = featurizer(target)
     for n in range(1, 9):
-        measure_model(LIVModel(genome(n)).eval(), target, tmp_path / "work", repeats=5)
+        m = measure_model(LIVModel(genome(n)).eval(), target, repeats=5)
+        run.add(m, genome(n).to_dict())
+        archive_genome({"genome_hash": m["genome_hash"], "genome": genome(n).to_dict()})
+        record_measurement(target, m)
         if n == 7:  # one short of what a model needs: a clear one-line refusal
+            assert fit(run.records(), target, "prefill", featurize) is None
             code, cap = model_cli("--metric", "prefill")
             assert code == 2 and "7 usable prefill measurements" in cap.err and len(cap.err.strip().splitlines()) == 1
-    assert len(load_measurements(target)) == 8
+    assert len(load_measurements(target)) == len(run.records()) == 8
 
-    model = fit_latency_model(target, "prefill")
+    model = fit(run.records(), target, "prefill", featurize)
     assert model is not None and model.n_samples == 8
     assert model.accuracy["n"] == 8 and model.accuracy["mean_relative_error"] < 0.35, model.accuracy
     # deeper is slower, also beyond the measured range
-    assert predict_ms(model, genome(12), target) > predict_ms(model, genome(2), target) > 0
+    assert predict(model, featurize(genome(12), "prefill")) > predict(model, featurize(genome(2), "prefill")) > 0
 
     assert model.scale >= 1.0  # fitted on each profile's fastest prefill run, scaled to its median
     code, cap = model_cli("--metric", "prefill")
@@ -397,8 +406,9 @@ def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_pa
     the budget's (prefill p50) and the steady one the model is fitted on (the fastest prefill run), each from
     whichever profile had it lowest; measurements taken with other threads or another prompt length, or under
     another protocol, do not count."""
-    from factory.search.latency import training_samples
-    from profiles import PROTOCOL_VERSION, record_measurement
+    from factory.features import featurizer
+    from profiles import PROTOCOL_VERSION, load_measurements, record_measurement
+    from profiles.latency import training_samples
     from profiles.store import archive_genome
     from targets import load_target
 
@@ -424,7 +434,8 @@ def test_training_samples_take_each_genomes_lowest_comparable_measurement(tmp_pa
     measured(b, 1.5, prompt_length=128)  # before the target's prompt length was edited
     measured(b, 2.0, protocol_version=PROTOCOL_VERSION - 1)
     measured(b, 4.0)
-    rows, ys, hashes, fastest = training_samples(target, "prefill")
-    assert dict(zip(hashes, ys)) == {a.hash(): 3.0, b.hash(): 4.0}
-    assert dict(zip(hashes, fastest)) == {a.hash(): 2.5, b.hash(): pytest.approx(3.6)}
-    assert rows[hashes.index(a.hash())]["layers_attention"] == 4
+    samples = training_samples(load_measurements(target), target, "prefill", featurizer(target))
+    hashes = samples.hashes
+    assert dict(zip(hashes, samples.budget)) == {a.hash(): 3.0, b.hash(): 4.0}
+    assert dict(zip(hashes, samples.steady)) == {a.hash(): 2.5, b.hash(): pytest.approx(3.6)}
+    assert samples.rows["per_family"][hashes.index(a.hash())]["layers_attention"] == 4

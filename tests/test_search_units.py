@@ -287,18 +287,27 @@ def test_final_verdict_counts_a_difference_within_the_seed_spread_as_a_tie():
     assert _sentence(models, [compare(close, base), compare(clear, base)]).startswith("YES: evolved e2")
 
 
-def _register_plugin_objective():
-    register_objective(Objective("plugin_obj", lambda g, r, c: 1.0, label="x"))
+def test_latency_is_a_built_in_objective_whose_import_errors_surface_as_themselves(monkeypatch):
+    """latency and memory are registered with the other objectives (no plugin loading that could turn a broken
+    import into "unknown objective"): a module of the latency loop that fails to import raises its ImportError."""
+    import sys
 
+    from factory.search.objectives import ObjectiveContext
 
-def test_objectives_of_other_packages_register_on_first_use(monkeypatch):
-    from factory.search import objectives
+    latency, memory = get_objective("latency"), get_objective("memory")
+    assert latency.needs == memory.needs == ("profile",)
+    record = EvalRecord("h", "ok", measurements={"profile": {"decode_ms_p95": 2.5, "prefill_ms_p50": 7.0,
+                                                             "peak_rss_mb": 30.0}})
+    from targets import load_target
 
-    monkeypatch.setitem(objectives._PLUGINS, "plugin_obj", "test_search_units:_register_plugin_objective")
-    monkeypatch.setitem(objectives._PLUGINS, "missing_obj", "no_such_module_here:register")
-    assert get_objective("plugin_obj").name == "plugin_obj"
-    with pytest.raises(FactoryError, match="unknown objective 'missing_obj'"):
-        get_objective("missing_obj")
+    laptop, pi = load_target("laptop-cpu"), load_target("raspberry-pi-5")
+    assert (laptop.latency_metric, pi.latency_metric) == ("prefill", "decode")
+    assert latency.fn(None, record, ObjectiveContext(64, target=laptop)) == 7.0
+    assert latency.fn(None, record, ObjectiveContext(64, target=pi)) == 2.5
+    assert memory.fn(None, record, ObjectiveContext(64, target=pi)) == 30.0
+    monkeypatch.setitem(sys.modules, "factory.search.latency", None)  # importing it now raises ImportError
+    with pytest.raises(ImportError, match="factory.search.latency"):
+        latency.preflight(ObjectiveContext(64, target=laptop))
 
 
 def test_extra_static_constraints_reject_before_training():
@@ -309,7 +318,7 @@ def test_extra_static_constraints_reject_before_training():
             n = sum(genome.layer_spec(i).family == "short_conv" for i in range(genome.n_layers))
             return float(n), f"{n} short_conv layers" if n else ""
 
-    objectives.register_constraint("no-short-conv", lambda config: NoShortConv())
+    objectives.register_constraint("no-short-conv", lambda config, measurements: NoShortConv())
     try:
         problem = _problem()
         genomes = [problem.space.sample(s) for s in range(20)]
