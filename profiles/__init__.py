@@ -5,6 +5,8 @@
 - `profiles.profiler.profile_artifact`: measure one export for a target on this machine.
 - `profiles.pack.make_pack` / `profiles.results.import_results`: probe packs for boards and their results.
 - `profiles.store`: the per-target measurement store (`record_measurement`, `load_measurements`).
+- `profiles.latency`: the latency loop's interface: `measure` (graphs from export.measure), `fit`, `predict`,
+  `Prefilter`, and `RunMeasurements` (one search run's store, with the board data it recorded).
 
 Nothing in this package imports torch: it runs where only onnxruntime is installed.
 """
