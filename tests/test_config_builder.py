@@ -18,6 +18,7 @@ from factory.io import atomic_json, atomic_write, check_out_folder, clean_json
 from factory.presets import DEFAULTS, FINALIZE_DEFAULTS, PRESETS, Preset
 from factory.search.config import SearchConfig, from_target
 from factory.search.objectives import evaluation_request
+from targets import load_target
 
 
 def test_factory_run_quick_keeps_its_budget():
@@ -32,7 +33,7 @@ def test_builder_order_defaults_preset_target_flags():
     star = from_target(None, "star", {"workers": 1})
     assert (star.n_layers, star.tokens, star.eval_windows) == (8, 1_000_000, 64)
     t = from_target("raspberry-pi-5", "quick", {"workers": 1})
-    assert t.target == "raspberry-pi-5" and t.n_layers == 6 and t.budgets.active()
+    assert t.target == load_target("raspberry-pi-5") and t.n_layers == 6 and t.budgets.active()
     flags = from_target("raspberry-pi-5", "quick", {"workers": 1, "n_layers": 3, "objectives": "params,cache",
                                                     "max_cache_bytes": "1KiB", "families": "glu, attention"})
     assert (flags.n_layers, flags.objectives, flags.budgets.max_cache_bytes, flags.families) == \

@@ -149,6 +149,18 @@ def test_prefilter_fits_only_on_the_runs_records(tmp_path, monkeypatch):
         prefilter.refresh()
         checks.append((prefilter.violation(_genome(12))[0] > 0, prefilter.violation(_genome(1))[0] > 0))
     assert checks == [(False, False), (True, False)]
+    # the profile stage predicts from the same recorded board data, and says so
+    from factory.search.evaluate import StageContext
+    from factory.search.latency import profile_stage
+
+    for store, ok in ((few, False), (enough, True)):
+        settings = {"target": target.to_dict(), "measurements": {"folder": None, "board": store.board}}
+        result = profile_stage(StageContext(_genome(12), settings))
+        if ok:
+            assert result["source"] == "predicted-from-board"
+            assert result["decode_ms_p95"] == pytest.approx(3.0, rel=0.1)
+        else:
+            assert result["status"] == "error" and "arm64" in result["reason"]
 
 
 def _rows(db):

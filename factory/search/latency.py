@@ -25,6 +25,7 @@ from pathlib import Path
 from factory import measure_gate
 from factory.errors import FactoryError
 from factory.features import featurizer
+from factory.search.config import stored_target
 from profiles import latency as measured
 from profiles.latency import MIN_SAMPLES_TO_PREDICT, PROFILE_REPEATS, RunMeasurements
 
@@ -61,14 +62,12 @@ def prefilter(config, store: RunMeasurements | None):
     """The static constraint of a run that optimises latency on a target with a latency budget (else None)."""
     if store is None or "latency" not in config.objectives or measured.budget_ms(config.target) is None:
         return None
-    return measured.Prefilter(config.target, lambda board_only: store.records(board_only), featurizer(config.target))
+    return measured.Prefilter(config.target, store.records, featurizer(config.target))
 
 
 # -- the evaluation stage -------------------------------------------------------------------------------------------
 def profile_stage(ctx) -> dict:
     """Evaluation stage "profile": measured (or, off-device, board-predicted) latency and memory."""
-    from factory.search.config import stored_target
-
     target = stored_target(ctx.settings.get("target"))
     if target is None:
         return {"status": "error", "reason": "the latency and memory objectives need --target"}
