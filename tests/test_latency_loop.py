@@ -171,7 +171,8 @@ def _rows(db):
 
 def test_a_run_that_stored_the_target_by_name_resumes(tmp_path):
     """tests/fixtures/old-search-run: a 2-generation run (raspberry-pi-5, objectives params and cache) written when
-    run.json kept the target's name and fingerprint. It resumes (extended by a generation), its stored config read
+    run.json kept the target's name and fingerprint (`factory search --target raspberry-pi-5 --objectives params,cache
+    --population 4 --generations 2 --layers 2 --d-model 32 --context 64 --workers 1`). It resumes (extended by a generation), its stored config read
     as written; and a new run of the same settings and seed evaluates exactly the rows the old one stored."""
     from factory.search.config import from_target
     from factory.search.run import read_run, resume_search, start_search
