@@ -3,7 +3,7 @@
 The model is kernel-level, as in nn-Meter: a genome's latency is the sum of what each of its layers costs plus the
 embedding and head, and a layer's cost depends on its operator family. So every per-layer quantity below is summed
 per family, and the linear model learns one price per family and quantity (a family whose forms cost unlike each
-other names a group per form, `LIVOperator.cost_groups`: the convolution's short_conv and long_conv):
+other names a group per form, `LIVOperator.forms`: the convolution's short_conv and long_conv):
 
     layers_<f>  layers of family f: fixed cost per layer
     kops_<f>    thousands of tensor operations those layers dispatch in one prefill of `prompt_length` tokens (or
@@ -63,7 +63,7 @@ from factory.genome.metrics import cache_bytes, layer_flops, param_count
 from factory.genome.schema import Genome
 from factory.ops import registry
 
-FAMILIES = (*registry.cost_groups(), "latent_cross")  # the feature groups: operator families or their forms
+FAMILIES = (*registry.forms(), "latent_cross")  # the feature groups: operator families or their forms
 HEAD = "head"
 # Where the written-MB features split "stays in cache" from "streams": 256 KB is within the L2 of a core on
 # current CPUs (256 KB-2 MB); the exact split point matters little to held-out accuracy
@@ -169,7 +169,7 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
 
 
 def layer_family(genome: Genome, i: int) -> str:
-    return "latent_cross" if genome.latents and i == 0 else registry.cost_group(genome.layer_spec(i))
+    return "latent_cross" if genome.latents and i == 0 else registry.form(genome.layer_spec(i))
 
 
 def layer_counts(genome: Genome) -> dict[str, float]:

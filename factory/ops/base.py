@@ -164,9 +164,9 @@ class LIVOperator(nn.Module):
     # Other names for some of the family's forms, {name: genes} (e.g. "short_conv": {"filter": "short"}): a
     # family list (a search space's) may name a form, and older genomes named them as families.
     aliases: ClassVar[dict[str, dict]] = {}
-    # The latency model's per-family feature groups this family's layers fall into (`cost_group`); () = the
-    # family's name. A family whose forms cost unlike each other (the convolution's filters) names one per form.
-    cost_groups: ClassVar[tuple[str, ...]] = ()
+    # The names of the family's forms that differ in kind (the convolution's short_conv and long_conv filters):
+    # what reports and the latency model's per-family feature groups tell apart (`form`); () = just the family.
+    forms: ClassVar[tuple[str, ...]] = ()
     # kinds of features a later layer can reuse instead of computing its own (e.g. ("key", "value")).
     feature_kinds: ClassVar[tuple[str, ...]] = ()
     # token mixers carry information across positions; channel mixers (GLU) do not.
@@ -238,8 +238,8 @@ class LIVOperator(nn.Module):
         return tuple(g.name for g in cls.genes)
 
     @classmethod
-    def cost_group(cls, spec: OpSpec) -> str:
-        """The latency feature group of a layer with this spec (one of `cost_groups`, or the family)."""
+    def form(cls, spec: OpSpec) -> str:
+        """The name of this spec's form: one of `forms`, or the family's name."""
         return cls.family
 
     @classmethod

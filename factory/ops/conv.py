@@ -220,7 +220,7 @@ class Conv(LIVOperator):
     )
     featurizer = ("gate_proj",)
     aliases = {"short_conv": {"filter": "short"}, "long_conv": {"filter": "implicit"}}  # their old family names
-    cost_groups = ("short_conv", "long_conv")  # a k-tap filter and a context-long one cost nothing alike
+    forms = ("short_conv", "long_conv")  # a k-tap filter and a context-long one cost nothing alike
     _KIND_GENES = {"short": "kernel", "implicit": "length"}
 
     def __new__(cls, d_model: int, spec: OpSpec, *args, **kwargs):
@@ -244,7 +244,7 @@ class Conv(LIVOperator):
         return spec.length if spec.filter == "implicit" else spec.kernel
 
     @classmethod
-    def cost_group(cls, spec):
+    def form(cls, spec):
         return "long_conv" if spec.filter == "implicit" else "short_conv"
 
     @classmethod

@@ -215,13 +215,13 @@ def shared_elements(d_model: int, spec: OpSpec, tokens: int) -> dict[tuple, int]
     return family(spec.family).shared_elements(d_model, _base(spec), tokens)
 
 
-def cost_groups() -> tuple[str, ...]:
-    """Every latency feature group (LIVOperator.cost_groups), in codec order."""
-    return tuple(g for cls in families().values() for g in (cls.cost_groups or (cls.family,)))
+def forms() -> tuple[str, ...]:
+    """Every family's form names (LIVOperator.forms, else the family), in codec order."""
+    return tuple(g for cls in families().values() for g in (cls.forms or (cls.family,)))
 
 
-def cost_group(spec: OpSpec) -> str:
-    return family(spec.family).cost_group(spec)
+def form(spec: OpSpec) -> str:
+    return family(spec.family).form(spec)
 
 
 def horizons(spec: OpSpec) -> tuple[int, ...]:
