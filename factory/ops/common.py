@@ -208,3 +208,10 @@ def heads_dividing(width: int, heads: int, allowed, ok=lambda h: True):
     """The one rule for "heads divides the width": the accepted head count nearest to `heads` (ties to the
     smaller) that divides `width` and satisfies `ok`; None when none does."""
     return nearest(allowed, heads, lambda h: width % h == 0 and ok(h))
+
+
+def with_heads_dividing(spec, width: int, allowed):
+    """`spec` with its heads repaired by `heads_dividing` where they do not divide `width` (1 if nothing does)."""
+    if width % spec.heads == 0:
+        return spec
+    return spec.with_(heads=heads_dividing(width, spec.heads, allowed) or 1)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
-from factory.ops.common import GROUPS, channel_mix, channel_mix_flops, channel_mix_params, heads_dividing
+from factory.ops.common import GROUPS, channel_mix, channel_mix_flops, channel_mix_params, with_heads_dividing
 from factory.ops.registry import register
 
 CHUNK = 64  # chunk length of the parallel form (ssd_minimal style); 64 keeps the per-chunk matrices small on CPU
@@ -597,8 +597,7 @@ class LinearAttention(LIVOperator):
 
     @classmethod
     def repair(cls, d_model, spec, context):
-        if d_model % spec.heads:
-            spec = spec.with_(heads=heads_dividing(d_model, spec.heads, cls.gene_domain("heads")) or 1)
+        spec = with_heads_dividing(spec, d_model, cls.gene_domain("heads"))
         if spec.decay == "none" and spec.nonlinearity not in POSITIVE_MAPS:
             spec = spec.with_(nonlinearity="elu")
         if spec.channel_mixing == "grouped" and d_model % GROUPS:

@@ -47,7 +47,7 @@ from factory.ops.common import (
     channel_mix_flops,
     channel_mix_params,
     conv_state_from_prefill,
-    heads_dividing,
+    with_heads_dividing,
 )
 from factory.ops.linear_attention import CHUNK, chunked_decay_attention, chunked_flops, inverse_softplus, log_uniform
 from factory.ops.conv import ShortFilter, conv_step
@@ -206,8 +206,7 @@ class Mamba(LIVOperator):
     @classmethod
     def repair(cls, d_model, spec, context):
         e = cls.inner(d_model, spec)
-        if e % spec.heads:
-            spec = spec.with_(heads=heads_dividing(e, spec.heads, cls.gene_domain("heads")) or 1)
+        spec = with_heads_dividing(spec, e, cls.gene_domain("heads"))
         if spec.channel_mixing == "grouped" and (e % GROUPS or d_model % GROUPS):
             spec = spec.with_(channel_mixing="dense")
         if spec.channel_mixing == "diagonal" and e != d_model:

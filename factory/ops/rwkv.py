@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
-from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_params, heads_dividing
+from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_params, with_heads_dividing
 from factory.ops.linear_attention import gated_chunked, gated_chunked_flops, gated_elements
 from factory.ops.registry import register
 
@@ -211,6 +211,5 @@ class RWKV(LIVOperator):
 
     @classmethod
     def repair(cls, d_model, spec, context):
-        if d_model % spec.heads:
-            spec = spec.with_(heads=heads_dividing(d_model, spec.heads, cls.gene_domain("heads")) or 1)
+        spec = with_heads_dividing(spec, d_model, cls.gene_domain("heads"))
         return spec
