@@ -113,3 +113,16 @@ def test_the_two_filters_are_one_family_with_their_own_genes():
     assert registry.spec_errors(short.with_(kernel=9), D, 64)[0].startswith("kernel: 9 is not accepted by conv")
     with pytest.raises(ValueError, match="conv has no gene 'window'"):
         short.with_(window=64)
+
+
+def test_a_built_convolution_copies():
+    """deepcopy (what the exporter does to a model) rebuilds the filter's kind without the family's arguments."""
+    import copy
+
+    for genes in (SPECS["short k=4"], SPECS["implicit"]):
+        op = _op(genes)
+        twin = copy.deepcopy(op)
+        assert type(twin) is type(op)
+        x = torch.randn(1, 9, D)
+        with torch.no_grad():
+            assert torch.equal(twin(x), op(x))

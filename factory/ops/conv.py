@@ -223,8 +223,8 @@ class Conv(LIVOperator):
     forms = ("short_conv", "long_conv")  # a k-tap filter and a context-long one cost nothing alike
     _KIND_GENES = {"short": "kernel", "implicit": "length"}
 
-    def __new__(cls, d_model: int, spec: OpSpec, *args, **kwargs):
-        if cls is Conv:
+    def __new__(cls, d_model: int | None = None, spec: OpSpec | None = None, *args, **kwargs):
+        if cls is Conv:  # (copies and unpickling call the kind's __new__ with no arguments)
             cls = ImplicitConv if spec.filter == "implicit" else ShortConv
         return super().__new__(cls)
 
