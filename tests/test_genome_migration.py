@@ -98,3 +98,32 @@ def test_a_family_list_may_name_a_convolution_form():
     assert forms_short == {"glu", "short_conv"} and forms_both == {"short_conv", "long_conv"}
     with pytest.raises(GenomeError, match="unknown operator family 'hyena'"):
         SearchSpace.create(n_layers=3, d_model=32, context=64, families=("hyena",))
+
+
+def test_a_search_database_of_schema_2_genomes_is_rewritten_with_todays_hashes(tmp_path):
+    """Opening it for writing (a resume) rewrites its genomes in today's form and every hash with them, so the run
+    finds its evaluations under the hashes its genomes now have; population rows follow."""
+    import sqlite3
+
+    from factory.search.store import Store
+
+    item = next(r for r in OLD["references"] if r["name"] == "striped-hybrid")  # mamba, Hyena, attention
+    path = tmp_path / "search.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO evaluations (hash, train_config_hash, generation, status, objectives, violation, static, "
+               "measurements, genome, seed, created_at) VALUES (?, 't', 0, 'ok', '{}', 0, '{}', '{}', ?, 0, 0)",
+               (item["hash"], json.dumps(item["genome"])))
+    db.execute("INSERT INTO population (generation, slot, hash, rank) VALUES (0, 0, ?, 0)", (item["hash"],))
+    db.commit()
+    db.close()
+    with Store(path, readonly=True) as store:  # a reader leaves it as it is
+        pass
+    with Store(path) as store:
+        pass
+    db = sqlite3.connect(path)
+    (h, text), = db.execute("SELECT hash, genome FROM evaluations").fetchall()
+    (pop,), = db.execute("SELECT hash FROM population").fetchall()
+    genome = Genome.from_dict(json.loads(text))
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION and genome.name == item["name"]
+    assert h == pop == genome.hash() == reference_genomes()[item["name"]].hash() != item["hash"]
