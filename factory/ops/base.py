@@ -2,6 +2,9 @@
 
 Every operator family lives in one file of this package and subclasses `LIVOperator`. A family has:
 
+- its genes (`genes`: name, domain, default; a name means one thing within its family) and a stable codec `code`;
+  an `OpSpec` holds a family and exactly that family's genes;
+
 - a parallel form, `forward(x)` ([B, T, D] -> [B, T, D]) used for training, and `prefill(x)`, which also returns
   the state decoding continues from;
 - a recurrent form, `step(x_t, position, state)`, one token at a time with the state as a dict of plain tensors
