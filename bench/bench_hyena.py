@@ -1,8 +1,8 @@
 """Hyena's long convolution: the blocked causal convolution against FFT (ONNX DFT), on exported graphs in onnxruntime.
 
 For each prompt length T (the context, so the implicit filter has T taps), the long_conv operator (Hyena order 2,
-factory/ops/long_conv.py) is built once and exported alone, with a dynamic batch and sequence length, in each
-parallel form (`long_conv.PARALLEL_FORM`):
+factory/ops/conv.py, filter implicit) is built once and exported alone, with a dynamic batch and sequence length, in each
+parallel form (`conv.PARALLEL_FORM`):
 
 - blocked: `blocked_causal_conv`, chunks of 64 tokens, Gather + MatMul (the form the project uses);
 - fft: `fft_causal_conv`, safari's fftconv (rfft / irfft of length 2T), exported as ONNX DFT;
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import capture  # noqa: E402
 from export.quiet import quiet  # noqa: E402
-from factory.ops import long_conv, registry  # noqa: E402
+from factory.ops import conv as long_conv, registry  # noqa: E402
 
 
 class ConvForm(torch.nn.Module):

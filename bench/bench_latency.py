@@ -96,7 +96,7 @@ def masks_per_layer(genome, prefill_features: dict, prompt_length: int) -> dict:
     for i in range(genome.n_layers):
         spec = genome.layer_spec(i)
         shared = sum(registry.shared_elements(genome.d_model, spec, prompt_length).values())
-        out[f"act_mb_{layer_family(genome, i)}"] += shared * (2 if spec.differential else 1) * 4 / 1e6
+        out[f"act_mb_{layer_family(genome, i)}"] += shared * (2 if spec.get("differential") else 1) * 4 / 1e6
     return out
 
 

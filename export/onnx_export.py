@@ -331,10 +331,11 @@ def root_cause(e: BaseException) -> str:
 
 
 def _describe(spec) -> str:
-    """family(field=value, ...) with the fields that differ from the family's defaults."""
-    base = registry.default_spec(spec.family).to_dict()
+    """form(gene=value, ...) with the genes that differ from the defaults of the family's form."""
+    form = registry.form(spec)
+    base = registry.default_spec(form).to_dict()
     changed = [f"{k}={v}" for k, v in spec.to_dict().items() if k != "family" and v != base.get(k)]
-    return f"{spec.family}({', '.join(changed)})"
+    return f"{form}({', '.join(changed)})"
 
 
 def diagnose(model: LIVModel, layout: list[StateTensor], graph: str, error: Exception) -> str:

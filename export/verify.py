@@ -28,6 +28,7 @@ from export.graphs import StateTensor, torch_threads
 from export.runtime import make_session
 from factory.errors import FactoryError
 from factory.model import LIVModel
+from factory.ops import registry
 
 TOLERANCE = 1e-4
 # A decode step and the parallel form compute the same function in a different order (and the chunked forms
@@ -104,7 +105,7 @@ def check_model(path: Path) -> None:
 def default_prompt_lengths(genome) -> list[int]:
     """1, 2, a medium prompt, each side of every window, kernel and latent boundary of the genome, and one
     longer than all of them (decode steps from each then cross the boundaries too)."""
-    boundaries = {genome.latents} | {c.window for c in genome.classes} | {c.kernel for c in genome.classes}
+    boundaries = {genome.latents} | {h for c in genome.classes for h in registry.horizons(c)}
     lengths = {1, 2, 24, max(boundaries | {64}) + 9}
     for b in boundaries:
         if b > 2:

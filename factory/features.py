@@ -2,7 +2,8 @@
 
 The model is kernel-level, as in nn-Meter: a genome's latency is the sum of what each of its layers costs plus the
 embedding and head, and a layer's cost depends on its operator family. So every per-layer quantity below is summed
-per family, and the linear model learns one price per family and quantity:
+per family, and the linear model learns one price per family and quantity (a family whose forms cost unlike each
+other names a group per form, `LIVOperator.forms`: the convolution's short_conv and long_conv):
 
     layers_<f>  layers of family f: fixed cost per layer
     kops_<f>    thousands of tensor operations those layers dispatch in one prefill of `prompt_length` tokens (or
@@ -58,12 +59,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from factory.genome.codec import FAMILY_ORDER
 from factory.genome.metrics import cache_bytes, layer_flops, param_count
 from factory.genome.schema import Genome, GenomeError
 from factory.ops import registry
 
-FAMILIES = (*FAMILY_ORDER, "latent_cross")
+FAMILIES = (*registry.forms(), "latent_cross")  # the feature groups: operator families or their forms
 HEAD = "head"
 # Where the written-MB features split "stays in cache" from "streams": 256 KB is within the L2 of a core on
 # current CPUs (256 KB-2 MB); the exact split point matters little to held-out accuracy
@@ -169,7 +169,7 @@ def dispatched_ops(genome: Genome, prompt_length: int) -> dict[str, dict]:
 
 
 def layer_family(genome: Genome, i: int) -> str:
-    return "latent_cross" if genome.latents and i == 0 else genome.layer_spec(i).family
+    return "latent_cross" if genome.latents and i == 0 else registry.form(genome.layer_spec(i))
 
 
 def layer_counts(genome: Genome) -> dict[str, float]:

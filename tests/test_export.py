@@ -73,7 +73,7 @@ def export_and_check(genome: Genome, tmp_path: Path):
         assert not path.with_name(path.name + ".data").exists()
     report = parity(model, layout, graphs.prefill, graphs.decode)
     assert 1 in report.prompt_lengths and any(k.startswith("batch1-") for k in report.per_prompt)
-    assert max(report.prompt_lengths) > max([genome.latents] + [max(c.window, c.kernel) for c in genome.classes])
+    assert max(report.prompt_lengths) > max([genome.latents] + [h for c in genome.classes for h in registry.horizons(c)])
     if genome.latents == 0:  # Perceiver-AR's min(sequence, latents) needs torch.onnx's narrowed trace (a warning)
         assert graphs.warnings == [], graphs.warnings
     assert_parity(report)
@@ -183,7 +183,7 @@ def test_stacked_gated_linear_attention_keeps_parity(tmp_path):
     bounds that gain."""
     la = {"family": "linear_attention", "decay": "scalar", "nonlinearity": "swish", "channel_mixing": "dense"}
     genome = _six_layers(
-        [{**la, "heads": 4, "state_size": 64}, {**la, "heads": 8, "state_size": 8, "channel_mixing": "diagonal"}],
+        [{**la, "heads": 4, "key_dim": 64}, {**la, "heads": 8, "key_dim": 8, "channel_mixing": "diagonal"}],
         [{"op_class": c, "share": s}
          for c, s in ((0, "none"), (1, "tied"), (1, "none"), (1, "tied"), (0, "none"), (0, "none"))])
     report = _export_with_parity(genome, 2, tmp_path)

@@ -77,9 +77,12 @@ def test_equal_architectures_hash_equal():
         layers=(LayerGene(2, tie_group=3, share="tied"), LayerGene(0)),
     )
     assert a.hash() == b.hash()
-    # Irrelevant fields do not matter either (attention's heads mean nothing to a GLU).
-    c = Genome(d_model=64, classes=(conv, glu.with_(heads=8)), layers=(LayerGene(0), LayerGene(1)))
+    # A gene the spec's form does not use does not matter either (Hyena's filter length means nothing to the short
+    # filter); a gene another family declares cannot be given at all.
+    c = Genome(d_model=64, classes=(conv.with_(length=1024), glu), layers=(LayerGene(0), LayerGene(1)))
     assert c.hash() == a.hash()
+    with pytest.raises(ValueError, match="glu has no gene 'heads'"):
+        glu.with_(heads=8)
     d = Genome(d_model=64, classes=(conv, glu.with_(expansion=4)), layers=(LayerGene(0), LayerGene(1)))
     assert d.hash() != a.hash()
 

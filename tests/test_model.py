@@ -44,7 +44,7 @@ def assert_decode_parity(model: LIVModel, length: int, prompt: int, atol: float 
 
 
 def _max_window(genome: Genome) -> int:
-    return max([genome.layer_spec(i).window for i in range(genome.n_layers)] + [genome.latents, 8])
+    return max([h for c in genome.classes for h in registry.horizons(c)] + [genome.latents, 8])
 
 
 @pytest.mark.parametrize("name", sorted(REFS))

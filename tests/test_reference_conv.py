@@ -5,8 +5,8 @@ compares outputs on random inputs, in the parallel form and token by token in th
 
 - mamba      vs transformers' Mamba2Mixer.torch_forward (transformers/models/mamba2/modeling_mamba2.py, the
                pure-PyTorch path, no CUDA kernels), n_groups 1, a chunk size unlike ours;
-- short_conv vs transformers' Lfm2ShortConv.slow_forward (transformers/models/lfm2/modeling_lfm2.py);
-- long_conv  vs a port (below) of HazyResearch/safari's HyenaOperator, HyenaFilter, PositionalEmbedding,
+- conv, filter short    vs transformers' Lfm2ShortConv.slow_forward (transformers/models/lfm2/modeling_lfm2.py);
+- conv, filter implicit vs a port (below) of HazyResearch/safari's HyenaOperator, HyenaFilter, PositionalEmbedding,
                ExponentialModulation, Sin and fftconv_ref (src/models/sequence/hyena.py, commit 02220c6), the
                reference code of Poli et al. 2023, "Hyena Hierarchy" (arXiv 2302.10866): order 2, one head, one
                block, y = irfft(rfft(u) * rfft(k))[:L] + u * D.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops import long_conv, registry
+from factory.ops import conv, registry
 
 TOL = 1e-5  # largest error seen: 5.5e-7 (mamba, decode)
 
@@ -88,7 +88,7 @@ def test_short_conv_matches_transformers_lfm2_short_conv():
     from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
 
     d, k = 48, 3
-    op = registry.build_operator(d, registry.default_spec("short_conv").with_(kernel=k)).eval()
+    op = registry.build_operator(d, registry.default_spec("conv").with_(filter="short", kernel=k)).eval()
     _randomize(op, 0)
     config = Lfm2Config(hidden_size=d, conv_L_cache=k, conv_bias=False)
     ref = Lfm2ShortConv(config, layer_idx=0).eval()
@@ -176,10 +176,10 @@ class SafariHyenaOperator(nn.Module):
 
 
 def _hyena_pair(d, context):
-    op = registry.build_operator(d, registry.repair_spec(registry.default_spec("long_conv"), d, context)).eval()
+    op = registry.build_operator(d, registry.repair_spec(registry.default_spec("conv").with_(filter="implicit"), d, context)).eval()
     assert op.length == context
     _randomize(op, 0)
-    ref = SafariHyenaOperator(d, context, long_conv.FILTER_EMB, long_conv.FILTER_ORDER).eval()
+    ref = SafariHyenaOperator(d, context, conv.FILTER_EMB, conv.FILTER_ORDER).eval()
     with torch.no_grad():
         ref.in_proj.weight.copy_(torch.cat([op.gate_proj.weight, op.value_proj.weight]))  # x0, x1, v
         ref.in_proj.bias.copy_(torch.cat([op.gate_proj.bias, op.value_proj.bias]))
@@ -200,7 +200,7 @@ def _hyena_pair(d, context):
 @torch.no_grad()
 def test_hyena_matches_safari_reference(form, monkeypatch):
     """Prompts shorter than the context and one of the full context, which crosses many 64-token blocks."""
-    monkeypatch.setattr(long_conv, "PARALLEL_FORM", form)
+    monkeypatch.setattr(conv, "PARALLEL_FORM", form)
     d, context = 32, 256
     op, ref = _hyena_pair(d, context)
     torch.manual_seed(1)
@@ -221,9 +221,9 @@ def test_hyena_decode_matches_safari_reference_over_the_whole_context():
 
 
 # -- featurizer sharing -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["mamba", "short_conv", "long_conv"])
+@pytest.mark.parametrize("family, genes", [("mamba", {}), ("conv", {"filter": "short"}), ("conv", {"filter": "implicit"})])
 @torch.no_grad()
-def test_featurizer_sharing_shares_exactly_the_featurizer(family):
+def test_featurizer_sharing_shares_exactly_the_featurizer(family, genes):
     """The featurizer submodules hold exactly `featurizer_params` parameters, none of the family's other weights;
     in a model whose two layers share them, the later layer computes with the first one's (its own outputs change
     when they change), and the genome's parameter count matches the model's."""
@@ -233,10 +233,10 @@ def test_featurizer_sharing_shares_exactly_the_featurizer(family):
     from factory.model import LIVModel
 
     d, context = 32, 64
-    spec = registry.repair_spec(registry.default_spec(family), d, context)
+    spec = registry.repair_spec(registry.default_spec(family).with_(**genes), d, context)
     op = registry.build_operator(d, spec)
     cls = type(op)
-    assert cls.featurizer and "differential" not in cls.choices
+    assert cls.featurizer and "differential" not in spec.genes
     shared = sum(p.numel() for name in cls.featurizer for p in getattr(op, name).parameters())
     assert shared == cls.featurizer_params(d, spec) > 0
     assert shared < sum(p.numel() for p in op.parameters())
@@ -279,12 +279,12 @@ def test_hyena_decode_reuses_its_filter_only_while_the_parameters_are_unchanged(
 
 
 def test_hyena_filter_lengths_are_the_genome_contexts():
-    """Hyena's `window` (its filter length) takes exactly the genome's context values, and repair sets it to the
+    """Hyena's `length` (its filter's taps) takes exactly the genome's context values, and repair sets it to the
     context, so every genome's filter spans its context."""
     from factory.genome.codec import GLOBAL_DOMAINS
 
-    assert long_conv.LongConv.choices["window"] == GLOBAL_DOMAINS["context"]
+    assert registry.domain("conv", "length") == GLOBAL_DOMAINS["context"]
     for context in GLOBAL_DOMAINS["context"]:
-        spec = registry.repair_spec(registry.default_spec("long_conv").with_(window=64), 32, context)
-        assert spec.window == context and not registry.spec_errors(spec, 32, context)
-    assert registry.spec_errors(registry.default_spec("long_conv").with_(window=128), 32, 256)
+        spec = registry.repair_spec(registry.default_spec("conv").with_(filter="implicit", length=64), 32, context)
+        assert spec.length == context and not registry.spec_errors(spec, 32, context)
+    assert registry.spec_errors(registry.default_spec("conv").with_(filter="implicit", length=128), 32, 256)

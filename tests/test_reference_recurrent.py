@@ -86,7 +86,7 @@ def test_gla_matches_flash_linear_attention(gate_bias):
     `naive_recurrent_gla`: outputs of prefill and decode, and the final state. fast-decay: gate logits near -60, so
     log a ~ -3.75 a token (a chunk's decay ~ e^-60): the chunked form must stay finite and exact."""
     naive_recurrent_gla = _fla("ops/gla/naive.py", "naive_recurrent_gla")
-    spec = OpSpec(family="linear_attention", decay="gla", nonlinearity="identity", heads=4, state_size=16)
+    spec = OpSpec(family="linear_attention", decay="gla", nonlinearity="identity", heads=4, key_dim=16)
     op = _build(spec, seed=1)
     with torch.no_grad():
         op.gate_up.bias.add_(gate_bias)
@@ -207,7 +207,7 @@ def test_retnet_matches_torchscale_parallel_retention():
     """RetNet retention vs a port of torchscale's parallel retention (rotation, decay mask and its normalisations,
     group norm, swish gate). torchscale's per-row normalisations are positive factors the group norm cancels up to
     its epsilon (torchscale's own comment: "invariant after normalization"), so both norms run with eps 1e-12 here."""
-    op = _build(OpSpec(family="linear_attention", decay="retnet", nonlinearity="identity", heads=4, state_size=16), 5)
+    op = _build(OpSpec(family="linear_attention", decay="retnet", nonlinearity="identity", heads=4, key_dim=16), 5)
     with torch.no_grad():
         op.norm_weight.fill_(1.0)  # torchscale's group norm has no affine weight
     op.EPS = 1e-12
@@ -225,7 +225,7 @@ def test_lambda_init_is_the_differential_transformers():
 
     for layer in range(8):
         assert abs(lambda_init(layer) - lambda_init_fn(layer)) < 1e-12
-    op = _build(OpSpec(family="linear_attention", decay="gla", differential=True), layer=5)
+    op = _build(OpSpec(family="linear_attention", decay="gla", nonlinearity="swish", differential=True), layer=5)
     assert op.lambda_init == lambda_init_fn(5)
 
 
@@ -313,7 +313,7 @@ def test_decay_and_differential_forms(decay, differential):
 
 @pytest.mark.parametrize(
     "spec",
-    [OpSpec(family="linear_attention", decay=d) for d in ("gla", "scalar", "retnet")] + [OpSpec(family="rwkv")],
+    [OpSpec(family="linear_attention", decay=d, nonlinearity="swish") for d in ("gla", "scalar", "retnet")] + [OpSpec(family="rwkv")],
     ids=["gla", "scalar", "retnet", "rwkv"],
 )
 def test_featurizer_is_what_it_names(spec):

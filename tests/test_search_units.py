@@ -18,6 +18,7 @@ from factory.cli import main as cli_main
 from factory.errors import FactoryError
 from factory.genome.metrics import static_metrics
 from factory.genome.references import reference
+from factory.ops import registry
 from factory.search.algorithm import NSGA2, Member, hv_bounds, hypervolume, non_dominated
 from factory.search.config import Budgets, SearchConfig, parse_count
 from factory.search.objectives import (EvalRecord, Objective, get_objective, register_objective, register_stage,
@@ -68,7 +69,7 @@ def test_mutation_respects_rate_frozen_genes_and_families():
         elif ub > 0 and p not in VectorLayout.of(space).family_positions:
             assert m[p] != v[p]
     genome = space.repair(m)
-    assert {genome.layer_spec(i).family for i in range(genome.n_layers)} <= set(FAMILIES)
+    assert {registry.form(genome.layer_spec(i)) for i in range(genome.n_layers)} <= set(FAMILIES)  # conv: short
     rate = np.mean([a != b for a, b in zip(v, PerGeneMutation(0.1).do(space, v, np.random.default_rng(1)))])
     assert 0.0 < rate < 0.3
 
@@ -315,7 +316,7 @@ def test_extra_static_constraints_reject_before_training():
 
     class NoShortConv:
         def violation(self, genome):
-            n = sum(genome.layer_spec(i).family == "short_conv" for i in range(genome.n_layers))
+            n = sum(genome.layer_spec(i).family == "conv" for i in range(genome.n_layers))
             return float(n), f"{n} short_conv layers" if n else ""
 
     objectives.register_constraint("no-short-conv", lambda config, measurements: NoShortConv())
@@ -323,7 +324,7 @@ def test_extra_static_constraints_reject_before_training():
         problem = _problem()
         genomes = [problem.space.sample(s) for s in range(20)]
         for g in genomes:
-            has = any(g.layer_spec(i).family == "short_conv" for i in range(g.n_layers))
+            has = any(g.layer_spec(i).family == "conv" for i in range(g.n_layers))
             assert problem.check(g).feasible == (not has)
     finally:
         objectives._CONSTRAINTS.pop("no-short-conv")

@@ -139,7 +139,7 @@ def main() -> int:
         for i in range(genome.n_layers):
             spec, ops = genome.layer_spec(i), profile.get(str(i), {})
             shared = registry.shared_elements(genome.d_model, spec, prompt)
-            copies = 2 if spec.differential else 1
+            copies = 2 if spec.get("differential") else 1
             new = {k: v for k, v in shared.items() if k not in seen_masks}
             if shared:
                 mask_agree[bool(new) == (ops.get("Where", 0.0) > 0.01 * sum(ops.values()))] += 1

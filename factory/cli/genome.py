@@ -44,7 +44,9 @@ def describe(genome, context: int | None = None, dtype: str = "float32") -> dict
     from factory.genome.metrics import static_metrics
 
     m = static_metrics(genome, context, dtype)
-    families = [genome.layer_spec(i).family for i in range(genome.n_layers)]
+    from factory.ops import registry
+
+    families = [registry.form(genome.layer_spec(i)) for i in range(genome.n_layers)]
     return {
         "name": genome.name,
         "hash": genome.hash(),

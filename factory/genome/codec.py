@@ -1,23 +1,33 @@
 """The flat integer vector that evolution mutates and recombines, and `repair()`.
 
-Layout for a codec with `n_layers` layers and `n_classes` class slots:
+Layout (codec version 2) for a codec with `n_layers` layers and `n_classes` class slots:
 
-    [ global genes | class slot 0 genes | ... | class slot K-1 genes | layer 0 genes | ... | layer L-1 genes ]
+    [ global genes | class slot 0 | ... | class slot K-1 | layer 0 genes | ... | layer L-1 genes ]
 
-Every gene is an index into its domain (below), so neighbouring integers are neighbouring values. The mapping is
-lossless on canonical genomes: `decode(encode(g)) == g`. `repair()` takes any integer vector of the right length
+    class slot = [ family | family 0's genes | family 1's genes | ... | shortcut ]
+
+A class slot holds the family gene, then one block per registered family (in the order of the families' codes)
+with that family's own genes, then the shortcut wrapper's gene shared by every token mixer. Only the chosen
+family's block is read; the others are neutral (encoded at their defaults). Every gene is an index into its
+domain (declared with its family), so neighbouring integers are neighbouring values. A family added later takes
+the next code and appends its block, and the layout's `fingerprint` changes with it. The mapping is lossless on
+canonical genomes: `decode(encode(g)) == g`. `repair()` takes any integer vector of the right length
 (out-of-range genes wrap around) and returns a valid canonical genome, deterministically.
+
+Version 1 vectors (one gene per field of a record shared by all families) are read by `decode_v1`
+(`factory.genome.migrate`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from factory.genome.schema import FEATURE_STRATEGIES, NORMS, SHARE_STRATEGIES, Genome, GenomeError, LayerGene
 from factory.ops import registry
-from factory.ops.base import OpSpec
+from factory.ops.base import SHORTCUT, OpSpec
 
+CODEC_VERSION = 2
 # Global genes and their domains. vocab_size is fixed by the byte tokenizer and is not a gene.
 GLOBAL_DOMAINS: dict[str, tuple] = {
     "d_model": (32, 48, 64, 96, 128, 192, 256, 384, 512, 768),
@@ -26,8 +36,8 @@ GLOBAL_DOMAINS: dict[str, tuple] = {
     "latents": (0, 16, 32, 64, 128),
     "tie_embeddings": (False, True),
 }
-# Family order is part of the encoding: append new families at the end.
-FAMILY_ORDER = ("attention", "linear_attention", "rwkv", "mamba", "short_conv", "long_conv", "glu")
+# The family gene's domain: every registered family, in the order of their declared codes.
+FAMILY_ORDER = tuple(registry.families())
 GROUPS = 4  # sharing groups per strategy
 LAYER_DOMAINS: dict[str, tuple] = {
     "op_class": None,  # 0..n_classes-1, set per codec
@@ -36,21 +46,15 @@ LAYER_DOMAINS: dict[str, tuple] = {
     "feature_group": tuple(range(GROUPS)),
     "features": FEATURE_STRATEGIES,
 }
-OP_FIELDS = tuple(f.name for f in fields(OpSpec))
 
 
 def op_domains() -> dict[str, tuple]:
-    """Each OpSpec field's domain: the union of what the registered families accept, plus the default."""
-    fams = registry.families()
-    out: dict[str, tuple] = {"family": FAMILY_ORDER + tuple(sorted(set(fams) - set(FAMILY_ORDER)))}
-    default = OpSpec()
-    for name in OP_FIELDS[1:]:
-        values = {getattr(default, name)}
-        for cls in fams.values():
-            values.update(cls.choices.get(name, ()))
-        if name == "shortcut":  # a wrapper, not a family's choice: every token mixer accepts it
-            values = {False, True}
-        out[name] = tuple(sorted(values, key=lambda v: (str(type(v)), v)))
+    """The genes of one class slot, in vector order: "family", "<family>.<gene>" for each family's own genes,
+    "shortcut"."""
+    out: dict[str, tuple] = {"family": FAMILY_ORDER}
+    for name, cls in registry.families().items():
+        out.update({f"{name}.{g.name}": g.domain for g in cls.genes})
+    out[SHORTCUT.name] = SHORTCUT.domain
     return out
 
 
@@ -88,6 +92,18 @@ class GenomeCodec:
         return [len(d) - 1 for _, d in self.domains]
 
     # -- genome -> vector --------------------------------------------------------------------------------------
+    def _slot_values(self, spec: OpSpec) -> list:
+        values = []
+        for key in self.op_domains:
+            if key == "family":
+                values.append(spec.family)
+            elif key == SHORTCUT.name:
+                values.append(spec.get(SHORTCUT.name, SHORTCUT.default))
+            else:
+                family, gene = key.split(".", 1)
+                values.append(getattr(spec, gene) if family == spec.family else registry.gene_defaults(family)[gene])
+        return values
+
     def encode(self, genome: Genome) -> list[int]:
         g = genome.canonical()
         if g.n_layers != self.n_layers:
@@ -99,7 +115,7 @@ class GenomeCodec:
         values = [getattr(g, k) for k in GLOBAL_DOMAINS]
         filler = registry.default_spec(FAMILY_ORDER[-1])
         for spec in list(g.classes) + [filler] * (self.n_classes - len(g.classes)):
-            values += [getattr(spec, k) for k in self.op_domains]
+            values += self._slot_values(spec)
         for layer in g.layers:
             values += [getattr(layer, k) for k in self.layer_domains]
         vector = []
@@ -110,6 +126,13 @@ class GenomeCodec:
         return vector
 
     # -- vector -> genome --------------------------------------------------------------------------------------
+    def _spec(self, slot: dict) -> OpSpec:
+        family = slot["family"]
+        genes = {key.split(".", 1)[1]: v for key, v in slot.items() if key.startswith(f"{family}.")}
+        if registry.family(family).mixes_tokens:
+            genes[SHORTCUT.name] = slot[SHORTCUT.name]
+        return OpSpec(family, **genes)
+
     def decode(self, vector) -> Genome:
         """Map a vector to a genome without repairing it (it may be invalid); genes wrap into their domain."""
         if len(vector) != self.length:
@@ -120,7 +143,7 @@ class GenomeCodec:
         classes = []
         n_op = len(self.op_domains)
         for _ in range(self.n_classes):
-            classes.append(OpSpec(**dict(zip(self.op_domains, values[pos : pos + n_op]))))
+            classes.append(self._spec(dict(zip(self.op_domains, values[pos : pos + n_op]))))
             pos += n_op
         layers = []
         n_layer = len(self.layer_domains)
@@ -128,6 +151,17 @@ class GenomeCodec:
             layers.append(LayerGene(**dict(zip(self.layer_domains, values[pos : pos + n_layer]))))
             pos += n_layer
         return Genome(classes=tuple(classes), layers=tuple(layers), vocab_size=self.vocab_size, **glob)
+
+    def decode_v1(self, vector) -> Genome:
+        """A codec version 1 vector of this many layers and classes, unrepaired (`factory.genome.migrate`)."""
+        from factory.genome.migrate import decode_v1, spec_from_v1
+
+        try:
+            glob, records, layers = decode_v1(vector, self.n_layers, self.n_classes)
+        except ValueError as e:
+            raise GenomeError(str(e)) from None
+        return Genome(classes=tuple(spec_from_v1(r) for r in records), layers=tuple(LayerGene(**g) for g in layers),
+                      vocab_size=self.vocab_size, **glob)
 
     def repair(self, vector) -> Genome:
         return repair(self.decode(vector))

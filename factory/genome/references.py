@@ -43,13 +43,13 @@ def _interleave(mixers: list[tuple[str, dict]], channel=SWIGLU) -> list[tuple[st
 
 
 def _references() -> dict[str, Genome]:
-    conv = ("short_conv", {"kernel": 3})
+    conv = ("conv", {"filter": "short", "kernel": 3})
     return {
         "transformer++": _build("transformer++", _interleave([MHA] * 4)),
         "gqa-transformer": _build("gqa-transformer", _interleave([GQA] * 4)),
         "striped-hybrid": _build(
             "striped-hybrid",
-            _interleave([MHA, ("mamba", {}), ("long_conv", {}), ("mamba", {})]),
+            _interleave([MHA, ("mamba", {}), ("conv", {"filter": "implicit"}), ("mamba", {})]),
         ),
         "lfm2-like": _build("lfm2-like", _interleave([conv, conv, GQA, conv])),
         "rwkv": _build("rwkv", _interleave([("rwkv", {})] * 4)),

@@ -25,9 +25,14 @@ import json
 from dataclasses import dataclass, field, fields, replace
 
 from factory.ops import registry
+from factory.genome.migrate import spec_from_v1
 from factory.ops.base import OpSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Versions still read, through a migration: version 2 had one operator record with the same fields for every
+# family and two convolution families (short_conv, long_conv); `factory.genome.migrate` maps it onto the genes
+# each family declares (the same architectures, the same parameter names).
+MIGRATED = {2}
 # What each older schema version meant that version 2 computes differently: an old genome is refused, not
 # silently rebuilt as another architecture.
 SCHEMA_CHANGES = {
@@ -132,7 +137,7 @@ class Genome:
                 "latents": self.latents,
                 "tie_embeddings": self.tie_embeddings,
             },
-            "classes": [c.to_dict() for c in self.classes],
+            "classes": [c.to_dict() for c in self.classes],  # family, then the family's genes
             "layers": [
                 {f.name: getattr(g, f.name) for f in fields(LayerGene)} for g in self.layers
             ],
@@ -159,7 +164,7 @@ class Genome:
                 f"schema_version: {version} is no longer read, {SCHEMA_CHANGES[version]}; "
                 f"re-create the genome (or re-run the search) with this version"
             )
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION and version not in MIGRATED:
             raise GenomeError(f"schema_version: expected {SCHEMA_VERSION}, got {version!r}")
         allowed_top = {"schema_version", "name", "global", "classes", "layers"}
         extra = set(data) - allowed_top
@@ -173,7 +178,7 @@ class Genome:
             if not isinstance(c, dict):
                 raise GenomeError(f"classes[{i}]: expected an object")
             try:
-                classes.append(OpSpec.from_dict({**registry.default_spec_dict(c.get("family")), **c}))
+                classes.append(spec_from_v1(c) if version == 2 else OpSpec.from_dict(c))
             except (TypeError, ValueError) as e:
                 raise GenomeError(f"classes[{i}]: {e}") from None
         layers = []
@@ -253,7 +258,7 @@ class Genome:
             g0 = self.layers[0]
             check(g0.share == "none" and g0.features == "none",
                   "layers[0]: the Perceiver-AR cross-attention layer cannot share weights or features")
-            check(self.layer_spec(0).window == 0 and not self.layer_spec(0).differential,
+            check(self.layer_spec(0).get("window") == 0 and not self.layer_spec(0).get("differential"),
                   "classes: the Perceiver-AR cross-attention class must be dense (window 0) and not differential")
         return errs
 

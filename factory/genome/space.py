@@ -1,6 +1,10 @@
 """A search space: a genome codec with some genes frozen (width, context, norm... fixed during a search, as in
 STAR) and an optional restriction of the operator families. Sampling and repair both go through `project()`, so
-a vector from anywhere (a sampler, crossover, mutation) lands on a valid genome of this space."""
+a vector from anywhere (a sampler, crossover, mutation) lands on a valid genome of this space.
+
+A family list may name a family's form by its alias (`short_conv` = conv with the short filter): the gene the
+alias fixes is held at its value in every class slot of that family, unless the list also allows other values
+(`short_conv,long_conv` = every conv)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from dataclasses import dataclass, field
 
 from factory.genome.codec import GLOBAL_DOMAINS, FAMILY_ORDER, GenomeCodec
 from factory.genome.schema import Genome, GenomeError
+from factory.ops import registry
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class SearchSpace:
     fixed: tuple[tuple[int, int], ...] = ()  # (gene position, value)
     families: tuple[str, ...] = FAMILY_ORDER
     _family_positions: tuple[int, ...] = field(default=(), repr=False)
+    # (family position, family index, gene position, value index): the gene held where the slot is that family
+    gene_fixes: tuple[tuple[int, int, int, int], ...] = ()
 
     @classmethod
     def create(
@@ -44,12 +51,30 @@ class SearchSpace:
             if value not in domain:
                 raise GenomeError(f"global.{key}: {value!r} is outside the search space {list(domain)}")
             fixed.append((names.index(key), domain.index(value)))
-        fams = tuple(families) if families else FAMILY_ORDER
-        unknown = [f for f in fams if f not in codec.op_domains["family"]]
-        if unknown:
-            raise GenomeError(f"families: unknown operator family {unknown[0]!r}")
-        positions = tuple(i for i, (name, _) in enumerate(codec.domains) if name.endswith(".family"))
-        return cls(codec=codec, fixed=tuple(fixed), families=fams, _family_positions=positions)
+        fams, forms = [], {}
+        for name in families or FAMILY_ORDER:
+            try:
+                fam, genes = registry.resolve(name)
+            except ValueError:
+                raise GenomeError(f"families: unknown operator family {name!r}") from None
+            if fam not in fams:
+                fams.append(fam)
+            forms.setdefault(fam, []).append(genes)
+        names = [name for name, _ in codec.domains]
+        positions = tuple(i for i, name in enumerate(names) if name.endswith(".family"))
+        family_domain = codec.op_domains["family"]
+        fixes = []
+        for fam, listed in forms.items():
+            for gene in sorted({k for genes in listed for k in genes}):
+                values = {genes.get(gene) for genes in listed}
+                if len(values) != 1:  # the plain family or forms with different values: the gene stays free
+                    continue
+                index = codec.op_domains[f"{fam}.{gene}"].index(values.pop())
+                for pos in positions:  # each class slot's "classes[c].family"
+                    slot = names[pos].rsplit(".", 1)[0]
+                    fixes.append((pos, family_domain.index(fam), names.index(f"{slot}.{fam}.{gene}"), index))
+        return cls(codec=codec, fixed=tuple(fixed), families=tuple(fams), _family_positions=positions,
+                   gene_fixes=tuple(fixes))
 
     @property
     def n_var(self) -> int:
@@ -73,6 +98,9 @@ class SearchSpace:
         for pos in self._family_positions:
             if v[pos] not in allowed:
                 v[pos] = allowed[v[pos] % len(allowed)]
+        for family_pos, family_index, pos, value in self.gene_fixes:
+            if v[family_pos] == family_index:
+                v[pos] = value
         return v
 
     def repair(self, vector) -> Genome:

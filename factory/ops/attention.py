@@ -69,19 +69,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec, State
-from factory.ops.common import GROUPS, Rotary, alibi_slopes, channel_mix, channel_mix_flops, channel_mix_params
+from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
+from factory.ops.common import (
+    GROUPS, Rotary, alibi_slopes, channel_mix, channel_mix_flops, channel_mix_params, heads_dividing, nearest,
+)
 from factory.ops.registry import register
 
 BLOCK = 64  # longest query block of the windowed parallel form (blocks are min(W, BLOCK) long)
 NORM_EPS = 1e-5  # the differential head norm's epsilon (DiffLlamaConfig.rms_norm_eps)
 LAMBDA_STD = 0.1  # init std of the lambda vectors (DiffLlamaConfig.lambda_std_dev)
-
-
-def _closest(allowed, value, ok) -> int | None:
-    """The accepted value nearest to `value` (ties to the smaller) that satisfies `ok`, or None."""
-    valid = [a for a in allowed if ok(a)]
-    return min(valid, key=lambda a: (abs(a - value), a)) if valid else None
 
 
 def lambda_init(layer: int) -> float:
@@ -98,17 +94,15 @@ def window_blocks(window: int, tokens: int) -> tuple[int, int, int]:
 @register
 class Attention(LIVOperator):
     family = "attention"
-    choices = {
-        "heads": (1, 2, 4, 8),
-        "kv_repeat": (1, 2, 4, 8),
-        "positional": ("rope", "alibi", "none"),
-        "window": (0, 16, 32, 64, 128, 256),
-        "channel_mixing": ("dense", "grouped", "diagonal"),
-        "differential": (False, True),
-    }
-    defaults = {
-        "heads": 4, "kv_repeat": 1, "positional": "rope", "window": 0, "channel_mixing": "dense", "differential": False,
-    }
+    code = 0
+    genes = (
+        Gene("heads", (1, 2, 4, 8), 4),  # query heads
+        Gene("kv_repeat", (1, 2, 4, 8), 1),  # query heads per key/value head: 1 = MHA, heads = MQA, between = GQA
+        Gene("positional", ("rope", "alibi", "none"), "rope"),
+        Gene("window", (0, 16, 32, 64, 128, 256), 0),  # sliding window (banded sparsity); 0 = dense
+        Gene("channel_mixing", ("dense", "grouped", "diagonal"), "dense"),
+        Gene("differential", (False, True), False),  # the Differential Transformer's form
+    )
     feature_kinds = ("key", "value")
     featurizer = ("q_proj", "k_proj")
 
@@ -400,6 +394,10 @@ class Attention(LIVOperator):
         return {("attention_mask", slopes, spec.window): cls._mask_elements(spec, tokens)}
 
     @classmethod
+    def horizons(cls, spec):
+        return (spec.window,) if spec.window else ()
+
+    @classmethod
     def constraint_errors(cls, d_model, spec, context):
         errors = []
         if d_model % spec.heads:
@@ -420,15 +418,14 @@ class Attention(LIVOperator):
     @classmethod
     def repair(cls, d_model, spec, context):
         def heads_ok(h, positional, differential):
-            return (d_model % h == 0 and (positional != "rope" or (d_model // h) % 2 == 0)
-                    and (not differential or h % 2 == 0))
+            return (positional != "rope" or (d_model // h) % 2 == 0) and (not differential or h % 2 == 0)
 
         changes: dict = {}
         positional, differential = spec.positional, spec.differential
         heads = None
         for positional, differential in ((spec.positional, differential), ("alibi", differential),
                                          (spec.positional, False), ("alibi", False)):
-            heads = _closest(cls.choices["heads"], spec.heads, lambda h: heads_ok(h, positional, differential))
+            heads = heads_dividing(d_model, spec.heads, cls.gene_domain("heads"), lambda h: heads_ok(h, positional, differential))
             if heads is not None:  # an odd width leaves rope no even head dim, differential no even head count
                 break
         changes["heads"], changes["positional"], changes["differential"] = heads, positional, differential
@@ -437,7 +434,7 @@ class Attention(LIVOperator):
             kv = heads // r if heads % r == 0 else 0
             return kv > 0 and (not differential or kv == 1 or kv % 2 == 0)
 
-        changes["kv_repeat"] = _closest(cls.choices["kv_repeat"], spec.kv_repeat, repeat_ok)
+        changes["kv_repeat"] = nearest(cls.gene_domain("kv_repeat"), spec.kv_repeat, repeat_ok)
         if spec.channel_mixing == "grouped" and d_model % GROUPS:
             changes["channel_mixing"] = "dense"
         return spec.with_(**changes)

@@ -2,6 +2,9 @@
 
 Every operator family lives in one file of this package and subclasses `LIVOperator`. A family has:
 
+- its genes (`genes`: name, domain, default; a name means one thing within its family) and a stable codec `code`;
+  an `OpSpec` holds a family and exactly that family's genes;
+
 - a parallel form, `forward(x)` ([B, T, D] -> [B, T, D]) used for training, and `prefill(x)`, which also returns
   the state decoding continues from;
 - a recurrent form, `step(x_t, position, state)`, one token at a time with the state as a dict of plain tensors
@@ -21,14 +24,14 @@ family names those submodules in `featurizer` and counts their parameters in `fe
 every member of a featurizer set with its own operator and then points the later members' featurizer submodules at
 the first member's. Families with an empty `featurizer` cannot share one and the genome's repair never asks them to.
 
-Differential forms are each family's own (`differential` in `choices`), not a generic wrapper: attention is the
+Differential forms are each family's own (a `differential` gene), not a generic wrapper: attention is the
 Differential Transformer's, linear attention two feature maps over one shared value. `layer` (the 0-based depth of
 the layer the operator is built for) is there for depth-dependent initialisation such as its lambda_init.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -38,27 +41,79 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class OpSpec:
-    """The operator genome of one LIV class: which family and its settings.
+class Gene:
+    """One setting of an operator family: its name, the values it may take (the codec's domain, in order, so
+    neighbouring indices are neighbouring values) and its default. A family declares its genes in its own file;
+    a name means one thing within its family."""
 
-    Every field has a codec domain (see `factory.genome.codec`); a family declares which fields matter to it and
-    which values it accepts (`LIVOperator.choices`). Fields a family ignores are reset to these defaults by
-    `canonical()`, so two specs that build the same operator compare (and hash) equal.
+    name: str
+    domain: tuple
+    default: object
+
+    def __post_init__(self):
+        if self.default not in self.domain:
+            raise ValueError(f"gene {self.name}: default {self.default!r} is not in its domain {list(self.domain)}")
+
+
+# The wrapper gene every token mixer has (PanGu-pi's augmented shortcut, `registry.AugmentedShortcut`).
+SHORTCUT = Gene("shortcut", (False, True), False)
+
+
+class OpSpec:
+    """The operator genome of one LIV class: its family and the values of that family's genes.
+
+    `OpSpec("attention", heads=8)` fills the genes it is not given from the family's defaults; reading a gene is
+    attribute access (`spec.heads`). A gene the family does not declare is an error, so a spec can only say what
+    its family means. Values are not checked here (a genome file may hold anything): `registry.spec_errors`
+    reports values outside a gene's domain and cross-gene rules. Specs are immutable, compare and hash by value.
     """
 
-    family: str = "glu"
-    heads: int = 4  # attention / recurrence heads
-    kv_repeat: int = 1  # query heads per key/value head: 1 = MHA, heads = MQA, between = GQA
-    positional: str = "none"  # rope | alibi | none
-    window: int = 0  # attention sliding window (banded sparsity; 0 = dense) / long-conv filter length
-    nonlinearity: str = "swish"  # family-specific: GLU activation, linear-attention feature map, conv gate
-    decay: str = "none"  # linear attention: none | retnet | gla (per key channel) | scalar (per head, Mamba-2 style)
-    state_size: int = 16  # SSM state size N, linear-attention key dim per head
-    kernel: int = 4  # short conv kernel, SSM conv kernel
-    expansion: int = 2  # GLU hidden multiple, SSM inner expansion
-    channel_mixing: str = "dense"  # output projection: dense | grouped | diagonal
-    differential: bool = False  # the family's own differential form (only families that define one accept it)
-    shortcut: bool = False  # PanGu-pi augmented shortcut beside the operator
+    __slots__ = ("family", "_genes")
+
+    def __init__(self, family: str = "glu", **genes):
+        from factory.ops.registry import gene_defaults
+
+        defaults = gene_defaults(family)  # {} for an unknown family: validation names it
+        if defaults:
+            unknown = sorted(set(genes) - set(defaults))
+            if unknown:
+                raise ValueError(f"{family} has no gene {unknown[0]!r} (its genes: {', '.join(defaults)})")
+            values = tuple((k, genes.get(k, d)) for k, d in defaults.items())
+        else:
+            values = tuple(sorted(genes.items()))
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "_genes", values)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for k, v in object.__getattribute__(self, "_genes"):
+            if k == name:
+                return v
+        raise AttributeError(f"operator family {self.family!r} has no gene {name!r}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("OpSpec is immutable: use with_()")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, OpSpec) and (self.family, self._genes) == (other.family, other._genes)
+
+    def __hash__(self) -> int:
+        return hash((self.family, self._genes))
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.family!r}, {', '.join(f'{k}={v!r}' for k, v in self._genes)})"
+
+    def __reduce__(self):  # copies and multiprocessing rebuild it from its dict
+        return (_spec_from_dict, (self.to_dict(),))
+
+    @property
+    def genes(self) -> dict:
+        return dict(self._genes)
+
+    def get(self, name: str, default=None):
+        """A gene's value, or `default` where the family has no such gene."""
+        return dict(self._genes).get(name, default)
 
     def canonical(self) -> "OpSpec":
         from factory.ops.registry import canonical_spec
@@ -66,18 +121,24 @@ class OpSpec:
         return canonical_spec(self)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"family": self.family, **dict(self._genes)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "OpSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown operator field(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        data = dict(data)
+        return cls(data.pop("family", "glu"), **data)
 
     def with_(self, **changes) -> "OpSpec":
-        return replace(self, **changes)
+        """The same family with some genes changed (`family=` starts from the new family's defaults)."""
+        if "family" in changes and changes["family"] != self.family:
+            family = changes.pop("family")
+            return OpSpec(family, **changes)
+        changes.pop("family", None)
+        return OpSpec(self.family, **{**dict(self._genes), **changes})
+
+
+def _spec_from_dict(data: dict) -> OpSpec:
+    return OpSpec.from_dict(data)
 
 
 @dataclass(frozen=True)
@@ -98,10 +159,17 @@ class LIVOperator(nn.Module):
     """Base class of every LIV operator family (see the module docstring for the contract)."""
 
     family: ClassVar[str] = ""
-    # spec field -> the values this family accepts; fields not listed are irrelevant to it.
-    choices: ClassVar[dict[str, tuple]] = {}
-    # defaults for the relevant fields when a genome does not say (registry defaults, mad-lab style).
-    defaults: ClassVar[dict[str, object]] = {}
+    # The family's place in the integer codec: codes are stable (a new family takes the next free one), so a
+    # genome's family gene keeps its meaning when families are added.
+    code: ClassVar[int] = -1
+    # The family's own genes, in codec order (the registry adds `SHORTCUT` to every token mixer).
+    genes: ClassVar[tuple[Gene, ...]] = ()
+    # Other names for some of the family's forms, {name: genes} (e.g. "short_conv": {"filter": "short"}): a
+    # family list (a search space's) may name a form, and older genomes named them as families.
+    aliases: ClassVar[dict[str, dict]] = {}
+    # The names of the family's forms that differ in kind (the convolution's short_conv and long_conv filters):
+    # what reports and the latency model's per-family feature groups tell apart (`form`); () = just the family.
+    forms: ClassVar[tuple[str, ...]] = ()
     # kinds of features a later layer can reuse instead of computing its own (e.g. ("key", "value")).
     feature_kinds: ClassVar[tuple[str, ...]] = ()
     # token mixers carry information across positions; channel mixers (GLU) do not.
@@ -159,13 +227,39 @@ class LIVOperator(nn.Module):
         return 0
 
     @classmethod
+    def gene_domain(cls, name: str) -> tuple:
+        """The values the family's gene `name` may take."""
+        for gene in cls.genes:
+            if gene.name == name:
+                return gene.domain
+        raise ValueError(f"{cls.family} has no gene {name!r}")
+
+    @classmethod
+    def relevant(cls, spec: OpSpec) -> tuple[str, ...]:
+        """The genes that shape the operator for this spec; `canonical()` resets the others to their defaults (a
+        family whose genes depend on a kind, such as the convolution's filter, says which apply)."""
+        return tuple(g.name for g in cls.genes)
+
+    @classmethod
+    def form(cls, spec: OpSpec) -> str:
+        """The name of this spec's form: one of `forms`, or the family's name."""
+        return cls.family
+
+    @classmethod
+    def horizons(cls, spec: OpSpec) -> tuple[int, ...]:
+        """The lengths at which the operator's behaviour changes along time (a sliding window, a filter's taps):
+        what parity checks put prompt lengths either side of. () = none."""
+        return ()
+
+    @classmethod
     def constraint_errors(cls, d_model: int, spec: OpSpec, context: int) -> list[str]:
         """Cross-field rules beyond `choices` (e.g. heads must divide d_model), each message naming the field."""
         return []
 
     @classmethod
     def repair(cls, d_model: int, spec: OpSpec, context: int) -> OpSpec:
-        """Deterministically fix what `constraint_errors` would report (values are already within `choices`)."""
+        """Deterministically fix what `constraint_errors` would report (values are already within the genes'
+        domains)."""
         return spec
 
     @classmethod

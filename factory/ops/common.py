@@ -195,3 +195,23 @@ def conv_step(x_t: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor)
     window = torch.cat([conv_state, x_t], dim=1)  # [B, k, C]
     y = (window * weight.t().unsqueeze(0)).sum(dim=1, keepdim=True)  # Mul + ReduceSum: no ONNX Einsum
     return y, window[:, 1:]
+
+
+# -- repair rules shared by families -----------------------------------------------------------------------------
+def nearest(allowed, value, ok=lambda a: True):
+    """The allowed value nearest to `value` (ties to the smaller) that satisfies `ok`, or None."""
+    valid = [a for a in allowed if ok(a)]
+    return min(valid, key=lambda a: (abs(a - value), a)) if valid else None
+
+
+def heads_dividing(width: int, heads: int, allowed, ok=lambda h: True):
+    """The one rule for "heads divides the width": the accepted head count nearest to `heads` (ties to the
+    smaller) that divides `width` and satisfies `ok`; None when none does."""
+    return nearest(allowed, heads, lambda h: width % h == 0 and ok(h))
+
+
+def with_heads_dividing(spec, width: int, allowed):
+    """`spec` with its heads repaired by `heads_dividing` where they do not divide `width` (1 if nothing does)."""
+    if width % spec.heads == 0:
+        return spec
+    return spec.with_(heads=heads_dividing(width, spec.heads, allowed) or 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec
+from factory.ops.base import Flops, Gene, LIVOperator, OpSpec
 from factory.ops.common import activation_params, channel_mix, channel_mix_flops, channel_mix_params, make_activation
 from factory.ops.registry import register
 
@@ -20,12 +20,12 @@ from factory.ops.registry import register
 class GLU(LIVOperator):
     family = "glu"
     mixes_tokens = False
-    choices = {
-        "nonlinearity": ("swish", "gelu", "relu", "sigmoid", "series"),
-        "expansion": (1, 2, 3, 4),
-        "channel_mixing": ("dense", "grouped"),
-    }
-    defaults = {"nonlinearity": "swish", "expansion": 3, "channel_mixing": "dense"}
+    code = 5
+    genes = (
+        Gene("nonlinearity", ("swish", "gelu", "relu", "sigmoid", "series"), "swish"),  # the gate's activation
+        Gene("expansion", (1, 2, 3, 4), 3),  # hidden width multiple
+        Gene("channel_mixing", ("dense", "grouped"), "dense"),
+    )
 
     @staticmethod
     def hidden(d_model: int, spec: OpSpec) -> int:

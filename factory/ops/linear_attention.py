@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec, State
-from factory.ops.common import GROUPS, channel_mix, channel_mix_flops, channel_mix_params
+from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
+from factory.ops.common import GROUPS, channel_mix, channel_mix_flops, channel_mix_params, with_heads_dividing
 from factory.ops.registry import register
 
 CHUNK = 64  # chunk length of the parallel form (ssd_minimal style); 64 keeps the per-chunk matrices small on CPU
@@ -350,22 +350,15 @@ GATE_TAU = 16.0  # GLA's gate temperature: log a = logsigmoid(.) / tau
 @register
 class LinearAttention(LIVOperator):
     family = "linear_attention"
-    choices = {
-        "heads": (1, 2, 4, 8),
-        "decay": ("none", "retnet", "gla", "scalar"),
-        "nonlinearity": ("identity", "relu", "elu", "swish", "sigmoid"),
-        "state_size": (8, 16, 32, 64),
-        "channel_mixing": ("dense", "grouped", "diagonal"),
-        "differential": (False, True),
-    }
-    defaults = {
-        "heads": 4,
-        "decay": "gla",
-        "nonlinearity": "identity",
-        "state_size": 16,
-        "channel_mixing": "dense",
-        "differential": False,
-    }
+    code = 1
+    genes = (
+        Gene("heads", (1, 2, 4, 8), 4),
+        Gene("decay", ("none", "retnet", "gla", "scalar"), "gla"),  # gla: per key channel; scalar: per head
+        Gene("nonlinearity", ("identity", "relu", "elu", "swish", "sigmoid"), "identity"),  # the feature map
+        Gene("key_dim", (8, 16, 32, 64), 16),  # key (feature) width per head, d_k
+        Gene("channel_mixing", ("dense", "grouped", "diagonal"), "dense"),
+        Gene("differential", (False, True), False),  # two feature maps over one shared value
+    )
     # STAR featurizer: the projections that compute the input-dependent part of T (q, k and the decay's projection;
     # a name the spec does not build is None). v, the output gate and the output projection stay each layer's own.
     featurizer = ("q_proj", "k_proj", "decay_proj", "gate_down", "gate_up")
@@ -377,7 +370,7 @@ class LinearAttention(LIVOperator):
 
     def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
         super().__init__(d_model, spec, reuse_features, layer)
-        self.h, self.dk = spec.heads, spec.state_size
+        self.h, self.dk = spec.heads, spec.key_dim
         self.dv = d_model // spec.heads
         self.decay = spec.decay
         self.diff = spec.differential
@@ -521,14 +514,14 @@ class LinearAttention(LIVOperator):
     # -- shapes and costs ----------------------------------------------------------------------------------------
     @classmethod
     def state_shapes(cls, d_model, spec, batch, context, reuse_features=False):
-        shapes = {"kv": (batch, spec.heads, spec.state_size, d_model // spec.heads)}
+        shapes = {"kv": (batch, spec.heads, spec.key_dim, d_model // spec.heads)}
         if spec.decay == "none":
-            shapes["norm"] = (batch, spec.heads, spec.state_size)
+            shapes["norm"] = (batch, spec.heads, spec.key_dim)
         return shapes
 
     @classmethod
     def _featurizer_params(cls, d_model, spec) -> int:
-        hk = spec.heads * spec.state_size
+        hk = spec.heads * spec.key_dim
         n = 2 * d_model * hk  # W_q, W_k
         if spec.decay == "scalar":
             n += d_model * spec.heads + spec.heads
@@ -546,12 +539,12 @@ class LinearAttention(LIVOperator):
         if cls._normed(spec):
             n += d_model  # output norm weight
         if spec.differential:
-            n += 2 * spec.state_size  # lambda_q1, lambda_k1, lambda_q2, lambda_k2
+            n += 2 * spec.key_dim  # lambda_q1, lambda_k1, lambda_q2, lambda_k2
         return n + channel_mix_params(spec.channel_mixing, d_model, d_model)
 
     @classmethod
     def _projection_flops(cls, d_model, spec) -> float:
-        hk = spec.heads * spec.state_size
+        hk = spec.heads * spec.key_dim
         f = 2.0 * d_model * (2 * hk + 2 * d_model)
         if spec.decay == "scalar":
             f += 2.0 * d_model * spec.heads
@@ -561,7 +554,7 @@ class LinearAttention(LIVOperator):
 
     @classmethod
     def flops(cls, d_model, spec, context, reuse_features=False):
-        h, dk, dv = spec.heads, spec.state_size, d_model // spec.heads
+        h, dk, dv = spec.heads, spec.key_dim, d_model // spec.heads
         common = cls._projection_flops(d_model, spec)
         if spec.decay == "none":
             hh, kk = (2 * h, dk // 2) if spec.differential else (h, dk)
@@ -577,7 +570,7 @@ class LinearAttention(LIVOperator):
 
     @classmethod
     def activation_elements(cls, d_model, spec, tokens):
-        h, dk, dv = spec.heads, spec.state_size, d_model // spec.heads
+        h, dk, dv = spec.heads, spec.key_dim, d_model // spec.heads
         proj = 2 * h * dk + 2 * d_model + (h * dk if spec.decay == "gla" else h)
         if spec.decay == "gla":
             padded = gated_chunks(max(1, tokens)) * GATED_CHUNK
@@ -604,9 +597,7 @@ class LinearAttention(LIVOperator):
 
     @classmethod
     def repair(cls, d_model, spec, context):
-        if d_model % spec.heads:
-            ok = [h for h in cls.choices["heads"] if d_model % h == 0]
-            spec = spec.with_(heads=max([h for h in ok if h <= spec.heads] or ok or [1]))
+        spec = with_heads_dividing(spec, d_model, cls.gene_domain("heads"))
         if spec.decay == "none" and spec.nonlinearity not in POSITIVE_MAPS:
             spec = spec.with_(nonlinearity="elu")
         if spec.channel_mixing == "grouped" and d_model % GROUPS:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec, State
+from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
 from factory.ops.common import (
     GROUPS,
     causal_depthwise_conv,
@@ -47,24 +47,24 @@ from factory.ops.common import (
     channel_mix_flops,
     channel_mix_params,
     conv_state_from_prefill,
+    with_heads_dividing,
 )
 from factory.ops.linear_attention import CHUNK, chunked_decay_attention, chunked_flops, inverse_softplus, log_uniform
+from factory.ops.conv import ShortFilter, conv_step
 from factory.ops.registry import register
-from factory.ops.long_conv import ShortFilter
-from factory.ops.short_conv import conv_step
 
 
 @register
 class Mamba(LIVOperator):
     family = "mamba"
-    choices = {
-        "expansion": (1, 2),
-        "state_size": (8, 16, 32, 64),
-        "kernel": (2, 3, 4),
-        "heads": (1, 2, 4, 8),
-        "channel_mixing": ("dense", "grouped", "diagonal"),
-    }
-    defaults = {"expansion": 2, "state_size": 16, "kernel": 4, "heads": 4, "channel_mixing": "dense"}
+    code = 3
+    genes = (
+        Gene("expansion", (1, 2), 2),  # inner width E = expansion * d_model
+        Gene("state_size", (8, 16, 32, 64), 16),  # the SSM state size N
+        Gene("kernel", (2, 3, 4), 4),  # the causal conv's kernel
+        Gene("heads", (1, 2, 4, 8), 4),
+        Gene("channel_mixing", ("dense", "grouped", "diagonal"), "dense"),
+    )
     EPS = 1e-5  # gated RMS norm epsilon
     featurizer = ("bc_proj", "bc_conv", "dt_proj")
 
@@ -187,6 +187,10 @@ class Mamba(LIVOperator):
         return 2 * padded * (2 * e + 2 * n + h) + 2 * h * padded * CHUNK + 2 * (chunks + 1) * e * n
 
     @classmethod
+    def horizons(cls, spec):
+        return (spec.kernel,)
+
+    @classmethod
     def constraint_errors(cls, d_model, spec, context):
         e = cls.inner(d_model, spec)
         errors = []
@@ -202,9 +206,7 @@ class Mamba(LIVOperator):
     @classmethod
     def repair(cls, d_model, spec, context):
         e = cls.inner(d_model, spec)
-        if e % spec.heads:
-            ok = [h for h in cls.choices["heads"] if e % h == 0]
-            spec = spec.with_(heads=max([h for h in ok if h <= spec.heads] or ok or [1]))
+        spec = with_heads_dividing(spec, e, cls.gene_domain("heads"))
         if spec.channel_mixing == "grouped" and (e % GROUPS or d_model % GROUPS):
             spec = spec.with_(channel_mixing="dense")
         if spec.channel_mixing == "diagonal" and e != d_model:

@@ -1,41 +1,35 @@
-"""The operator registry: family name -> class, its accepted settings and defaults (mad-lab style).
+"""The operator registry: family name -> class, found by scanning this package (mad-lab style).
 
-Nothing outside `factory.ops` knows an operator's internals; it asks this module. One generic wrapper applies to
-every token-mixing family: `AugmentedShortcut` (PanGu-pi's parallel bottleneck beside the operator). Differential
-forms are not a wrapper: a family that defines one lists `differential` in its `choices` (see `base.py`).
+A family is one module of `factory.ops` whose `LIVOperator` subclass is decorated with `@register`; it declares
+its genes (names, domains, defaults), its stable codec `code` and its rules in that file, so adding an operator
+is one new file plus its tests. Nothing outside `factory.ops` knows an operator's internals; it asks this module.
+One generic wrapper applies to every token-mixing family: `AugmentedShortcut` (PanGu-pi's parallel bottleneck
+beside the operator), the `shortcut` gene. Differential forms are not a wrapper: a family that defines one
+declares a `differential` gene (see `base.py`).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import fields
+import pkgutil
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec, State
+from factory.ops.base import SHORTCUT, Flops, Gene, LIVOperator, OpSpec, State
 from factory.ops.common import GROUPS, channel_mix_traffic
 
 FAMILIES: dict[str, type[LIVOperator]] = {}
-
-# One module per family; importing it registers the class.
-_FAMILY_MODULES = (
-    "attention",
-    "linear_attention",
-    "rwkv",
-    "mamba",
-    "short_conv",
-    "long_conv",
-    "glu",
-)
+_NOT_FAMILIES = {"base", "common", "registry"}  # the package's shared modules
 _loaded = False
-
-_DEFAULT_SPEC = OpSpec()
-_WRAPPER_FIELDS = ("shortcut",)
 
 
 def register(cls: type[LIVOperator]) -> type[LIVOperator]:
+    for other in FAMILIES.values():
+        if other.code == cls.code and other.family != cls.family:
+            raise ValueError(f"operator families {other.family} and {cls.family} both claim codec code {cls.code}")
+    if cls.code < 0:
+        raise ValueError(f"operator family {cls.family} declares no codec code")
     FAMILIES[cls.family] = cls
     return cls
 
@@ -43,14 +37,17 @@ def register(cls: type[LIVOperator]) -> type[LIVOperator]:
 def _ensure_loaded() -> None:
     global _loaded
     if not _loaded:
-        for name in _FAMILY_MODULES:
-            importlib.import_module(f"factory.ops.{name}")
+        package = importlib.import_module("factory.ops")
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name not in _NOT_FAMILIES:
+                importlib.import_module(f"factory.ops.{info.name}")
         _loaded = True
 
 
 def families() -> dict[str, type[LIVOperator]]:
+    """Every registered family, in codec order."""
     _ensure_loaded()
-    return dict(FAMILIES)
+    return dict(sorted(FAMILIES.items(), key=lambda kv: kv[1].code))
 
 
 def family(name: str) -> type[LIVOperator]:
@@ -61,35 +58,59 @@ def family(name: str) -> type[LIVOperator]:
         raise ValueError(f"unknown operator family {name!r} (known: {', '.join(sorted(FAMILIES))})") from None
 
 
-def default_spec(name: str) -> OpSpec:
-    """The registry default spec of a family."""
+def resolve(name: str) -> tuple[str, dict]:
+    """A family name or a family's alias (`LIVOperator.aliases`) -> (family, the genes the name fixes)."""
+    _ensure_loaded()
+    if name in FAMILIES:
+        return name, {}
+    for cls in FAMILIES.values():
+        if name in cls.aliases:
+            return cls.family, dict(cls.aliases[name])
+    raise ValueError(f"unknown operator family {name!r} (known: {', '.join(known_names())})")
+
+
+def known_names() -> list[str]:
+    """Every family name and alias, families first (in codec order)."""
+    fams = families()
+    return list(fams) + [a for cls in fams.values() for a in cls.aliases]
+
+
+def genes(name: str) -> tuple[Gene, ...]:
+    """A family's genes: its own, then the shortcut wrapper's for token mixers."""
     cls = family(name)
-    return canonical_spec(OpSpec(family=name, **cls.defaults))
+    return cls.genes + ((SHORTCUT,) if cls.mixes_tokens else ())
 
 
-def default_spec_dict(name) -> dict:
-    """Registry defaults of a family as a dict, so a genome file may list only the fields it changes.
-
-    An unknown name gives {} and is reported by validation, which names the field.
-    """
+def gene_defaults(name) -> dict:
+    """{gene: default} of a family, in order; {} for an unknown name (validation reports it, naming the field)."""
     _ensure_loaded()
     if name not in FAMILIES:
         return {}
-    return {k: v for k, v in FAMILIES[name].defaults.items()}
+    return {g.name: g.default for g in genes(name)}
+
+
+def domain(name: str, gene: str) -> tuple:
+    """The values a family's gene may take."""
+    for g in genes(name):
+        if g.name == gene:
+            return g.domain
+    raise ValueError(f"{name} has no gene {gene!r}")
+
+
+def default_spec(name: str) -> OpSpec:
+    """The registry default spec of a family, or of the form an alias names (`resolve`)."""
+    fam, fixed = resolve(name)
+    return canonical_spec(OpSpec(fam, **fixed))
 
 
 # -- specs: canonical form, validation, repair --------------------------------------------------------------------
 def canonical_spec(spec: OpSpec) -> OpSpec:
-    """Reset the fields a family ignores to the global defaults, so equal operators have equal specs."""
+    """Reset the genes that do not shape this operator (`LIVOperator.relevant`) to their defaults, so equal
+    operators have equal specs."""
     cls = family(spec.family)
-    changes = {}
-    for f in fields(OpSpec):
-        if f.name == "family" or f.name in cls.choices:
-            continue
-        if f.name in _WRAPPER_FIELDS and cls.mixes_tokens:
-            continue
-        changes[f.name] = getattr(_DEFAULT_SPEC, f.name)
-    return spec.with_(**changes)
+    keep = set(cls.relevant(spec)) | {SHORTCUT.name}
+    changes = {g.name: g.default for g in cls.genes if g.name not in keep}
+    return spec.with_(**changes) if changes else spec
 
 
 def spec_errors(spec: OpSpec, d_model: int, context: int) -> list[str]:
@@ -98,11 +119,11 @@ def spec_errors(spec: OpSpec, d_model: int, context: int) -> list[str]:
         return [f"family: unknown operator family {spec.family!r} (known: {', '.join(sorted(FAMILIES))})"]
     cls = family(spec.family)
     errors = []
-    for name, allowed in cls.choices.items():
-        value = getattr(spec, name)
-        if value not in allowed:
-            errors.append(f"{name}: {value!r} is not accepted by {spec.family} (allowed: {list(allowed)})")
-    if not errors and spec.channel_mixing == "grouped" and d_model % GROUPS:
+    for gene in genes(spec.family):
+        value = getattr(spec, gene.name)
+        if value not in gene.domain:
+            errors.append(f"{gene.name}: {value!r} is not accepted by {spec.family} (allowed: {list(gene.domain)})")
+    if not errors and spec.get("channel_mixing") == "grouped" and d_model % GROUPS:
         errors.append(f"channel_mixing: grouped needs d_model divisible by {GROUPS}, got {d_model}")
     if not errors:
         errors += cls.constraint_errors(d_model, spec, context)
@@ -113,18 +134,17 @@ def repair_spec(spec: OpSpec, d_model: int, context: int) -> OpSpec:
     """Deterministically turn any spec of a known family into a valid, canonical one."""
     cls = family(spec.family)
     changes = {}
-    for name, allowed in cls.choices.items():
-        value = getattr(spec, name)
-        if value in allowed:
+    for gene in genes(spec.family):
+        value = getattr(spec, gene.name)
+        if value in gene.domain:
             continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) for a in allowed
-        ):
-            changes[name] = min(allowed, key=lambda a: (abs(a - value), a))
+        numeric = [a for a in gene.domain if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(numeric) == len(gene.domain):
+            changes[gene.name] = min(gene.domain, key=lambda a: (abs(a - value), a))
         else:
-            changes[name] = cls.defaults.get(name, allowed[0])
+            changes[gene.name] = gene.default
     spec = spec.with_(**changes)
-    if spec.channel_mixing == "grouped" and d_model % GROUPS:
+    if spec.get("channel_mixing") == "grouped" and d_model % GROUPS:
         spec = spec.with_(channel_mixing="dense")
     spec = cls.repair(d_model, spec, context)
     return canonical_spec(spec)
@@ -132,14 +152,14 @@ def repair_spec(spec: OpSpec, d_model: int, context: int) -> OpSpec:
 
 # -- building and costs ------------------------------------------------------------------------------------------
 def _base(spec: OpSpec) -> OpSpec:
-    return spec.with_(shortcut=False)
+    return spec.with_(shortcut=False) if spec.get("shortcut") else spec
 
 
 def build_operator(d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0) -> nn.Module:
     """The operator of one layer; `layer` is its 0-based depth (for depth-dependent initialisation)."""
     cls = family(spec.family)
     op: nn.Module = cls(d_model, _base(spec), reuse_features=reuse_features, layer=layer)
-    if spec.shortcut:
+    if spec.get("shortcut"):
         op = AugmentedShortcut(op, d_model)
     return op
 
@@ -152,7 +172,7 @@ def featurizer_module(op: nn.Module) -> LIVOperator:
 def param_count(d_model: int, spec: OpSpec, reuse_features: bool = False) -> int:
     cls = family(spec.family)
     n = cls.param_count(d_model, _base(spec), reuse_features)
-    if spec.shortcut:
+    if spec.get("shortcut"):
         n += AugmentedShortcut.param_count(d_model)
     return n
 
@@ -174,7 +194,7 @@ def state_shapes(
 def flops(d_model: int, spec: OpSpec, context: int, reuse_features: bool = False) -> Flops:
     cls = family(spec.family)
     f = cls.flops(d_model, _base(spec), context, reuse_features)
-    if spec.shortcut:
+    if spec.get("shortcut"):
         per = 2.0 * AugmentedShortcut.param_count(d_model)
         f = f + Flops(per, per)
     return f
@@ -193,6 +213,20 @@ def traffic_elements(d_model: int, spec: OpSpec, tokens: int) -> int:
 def shared_elements(d_model: int, spec: OpSpec, tokens: int) -> dict[tuple, int]:
     """A layer's intermediates computed once per graph (LIVOperator.shared_elements)."""
     return family(spec.family).shared_elements(d_model, _base(spec), tokens)
+
+
+def forms() -> tuple[str, ...]:
+    """Every family's form names (LIVOperator.forms, else the family), in codec order."""
+    return tuple(g for cls in families().values() for g in (cls.forms or (cls.family,)))
+
+
+def form(spec: OpSpec) -> str:
+    return family(spec.family).form(spec)
+
+
+def horizons(spec: OpSpec) -> tuple[int, ...]:
+    """Where the operator's behaviour changes along time (LIVOperator.horizons)."""
+    return family(spec.family).horizons(spec)
 
 
 def feature_kinds(spec: OpSpec) -> tuple[str, ...]:
@@ -238,18 +272,15 @@ class AugmentedShortcut(nn.Module):
 
 
 def spec_variants(name: str, d_model: int = 64, context: int = 64) -> list[OpSpec]:
-    """The family default, then each accepted value of each field changed alone, then the shortcut wrapper.
+    """The family default, then each value of each gene changed alone (the shortcut wrapper among them).
 
     Repaired and deduplicated: what the test sweep and export sweep run for every registered family.
     """
     base = default_spec(name)
-    cls = family(name)
     out = [base]
-    for field_name, allowed in cls.choices.items():
-        for value in allowed:
-            out.append(base.with_(**{field_name: value}))
-    if cls.mixes_tokens:
-        out += [base.with_(shortcut=True)]
+    for gene in genes(name):
+        for value in gene.domain:
+            out.append(base.with_(**{gene.name: value}))
     seen, unique = set(), []
     for spec in out:
         spec = repair_spec(spec, d_model, context)

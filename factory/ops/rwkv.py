@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.ops.base import Flops, LIVOperator, OpSpec, State
-from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_params
+from factory.ops.base import Flops, Gene, LIVOperator, OpSpec, State
+from factory.ops.common import channel_mix, channel_mix_flops, channel_mix_params, with_heads_dividing
 from factory.ops.linear_attention import gated_chunked, gated_chunked_flops, gated_elements
 from factory.ops.registry import register
 
@@ -65,11 +65,11 @@ def ranks(d_model: int) -> tuple[int, int]:
 @register
 class RWKV(LIVOperator):
     family = "rwkv"
-    choices = {
-        "heads": (1, 2, 4, 8),
-        "channel_mixing": ("dense", "grouped", "diagonal"),
-    }
-    defaults = {"heads": 4, "channel_mixing": "dense"}
+    code = 2
+    genes = (
+        Gene("heads", (1, 2, 4, 8), 4),
+        Gene("channel_mixing", ("dense", "grouped", "diagonal"), "dense"),
+    )
     featurizer = ("receptance", "key", "decay", "decay_down", "decay_up")
 
     def __init__(self, d_model: int, spec: OpSpec, reuse_features: bool = False, layer: int = 0):
@@ -211,7 +211,5 @@ class RWKV(LIVOperator):
 
     @classmethod
     def repair(cls, d_model, spec, context):
-        if d_model % spec.heads:
-            fits = [h for h in cls.choices["heads"] if d_model % h == 0]  # 1 always fits
-            spec = spec.with_(heads=min(fits, key=lambda h: (abs(h - spec.heads), -h)))
+        spec = with_heads_dividing(spec, d_model, cls.gene_domain("heads"))
         return spec

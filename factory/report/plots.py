@@ -59,6 +59,17 @@ def pareto_plot(points: list[dict], x_key: str, x_label: str, path: Path, title:
     return path
 
 
+def _form(spec: dict) -> str:
+    """The family, or the name of its form where forms differ in kind (the convolution's short_conv, long_conv)."""
+    from factory.ops import registry
+    from factory.ops.base import OpSpec
+
+    try:
+        return registry.form(OpSpec.from_dict(spec))
+    except ValueError:  # a family this version does not know: its name as written
+        return spec["family"]
+
+
 def layer_diagram(genome: dict, path: Path, title: str = "") -> Path:
     """One box per layer coloured by operator family; arcs for tied weights (above) and shared features (below)."""
     layers = genome["layers"]
@@ -68,7 +79,7 @@ def layer_diagram(genome: dict, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n + 1.0), 2.2), dpi=110)
     for i, g in enumerate(layers):
         spec = classes[g["op_class"]]
-        family = "latent_cross" if latents and i == 0 else spec["family"]
+        family = "latent_cross" if latents and i == 0 else _form(spec)
         ax.add_patch(Rectangle((i, 0), 0.8, 1, color=FAMILY_COLORS.get(family, "#cccccc"), alpha=0.85))
         label = family.replace("_", "\n")
         extras = []

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from factory.genome.schema import Genome
+from factory.ops import registry
 from factory.search.config import SearchConfig
 from factory.io import atomic_write
 from factory.search.outputs import feasible_rows, front_rows, reached_rows, rows_of_run
@@ -25,7 +26,7 @@ MOTIF_LENGTHS = (2, 3)
 
 
 def _families(g: Genome) -> list[str]:
-    return [g.layer_spec(i).family for i in range(g.n_layers)]
+    return [registry.form(g.layer_spec(i)) for i in range(g.n_layers)]  # short_conv / long_conv for the conv family
 
 
 def group_stats(genomes: list[Genome]) -> dict:
@@ -48,9 +49,9 @@ def group_stats(genomes: list[Genome]) -> dict:
                 tied[fam] += 1
             if source[i] is not None:
                 reuse[fam] += 1
-            if spec.differential:
+            if spec.get("differential"):
                 diff[fam] += 1
-            if spec.shortcut:
+            if spec.get("shortcut"):
                 shortcut[fam] += 1
         for k in MOTIF_LENGTHS:
             grams = ["-".join(fams[i : i + k]) for i in range(len(fams) - k + 1)]

@@ -23,9 +23,9 @@ BASELINES = ("transformer++", "striped-hybrid")
 
 
 def resolve_families(families) -> tuple[str, ...]:
-    known = registry.families()
     if not families:
-        return tuple(f for f in FAMILY_ORDER if f in known) + tuple(sorted(set(known) - set(FAMILY_ORDER)))
+        return FAMILY_ORDER
+    known = registry.known_names()  # families and their forms' aliases (short_conv: conv with the short filter)
     for f in families:
         if f not in known:
             raise FactoryError(f"--families: unknown operator family {f!r} (registered: {', '.join(known)})")

@@ -89,6 +89,7 @@ def _with_rung(rows: list[dict]) -> list[dict]:
 class Store:
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         else:
@@ -108,7 +109,7 @@ class Store:
     def _refuse_old_genomes(self) -> None:
         """A database whose genomes are of an older genome schema is refused in one line (FactoryError)."""
         from factory.errors import FactoryError
-        from factory.genome.schema import SCHEMA_CHANGES
+        from factory.genome.schema import MIGRATED, SCHEMA_CHANGES
         from factory.genome.schema import SCHEMA_VERSION as GENOME_VERSION
 
         found = set()
@@ -118,12 +119,32 @@ class Store:
                     f"SELECT DISTINCT json_extract(genome, '$.schema_version') FROM {table}")}
             except sqlite3.Error:  # a read-only database without this table, or text that is not JSON
                 continue
-        old = sorted(v for v in found if isinstance(v, int) and v != GENOME_VERSION)
+        old = sorted(v for v in found if isinstance(v, int) and v != GENOME_VERSION and v not in MIGRATED)
         if old:
             self.db.close()
             why = f" ({SCHEMA_CHANGES[old[0]]})" if old[0] in SCHEMA_CHANGES else ""
             raise FactoryError(f"{self.path}: its genomes are of schema version {old[0]}, which this version no "
                                f"longer reads{why}; re-run the search with this version")
+        if any(v in MIGRATED for v in found) and not self.readonly:
+            self._migrate_genomes()
+
+    def _migrate_genomes(self) -> None:
+        """Rewrite genomes of a migrated schema in today's form, and every hash with them (one transaction), so a
+        resumed run finds its evaluations under the hashes its genomes now have."""
+        from factory.genome.schema import Genome
+
+        renamed: dict[str, str] = {}
+        self.db.execute("BEGIN IMMEDIATE")
+        for table in ("evaluations", "final"):
+            for rowid, old_hash, text in self.db.execute(f"SELECT id, hash, genome FROM {table}").fetchall():
+                genome = Genome.from_dict(json.loads(text))
+                renamed[old_hash] = genome.hash()
+                self.db.execute(f"UPDATE {table} SET genome = ?, hash = ? WHERE id = ?",
+                                (_dumps(genome.to_dict()), renamed[old_hash], rowid))
+        for table in ("offspring", "population"):
+            for old_hash, new_hash in renamed.items():
+                self.db.execute(f"UPDATE {table} SET hash = ? WHERE hash = ?", (new_hash, old_hash))
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
