@@ -173,9 +173,8 @@ def test_a_run_that_stored_the_target_by_name_resumes(tmp_path):
     """tests/fixtures/old-search-run: a 2-generation run (raspberry-pi-5, objectives params and cache) written when
     run.json kept the target's name and fingerprint (`factory search --target raspberry-pi-5 --objectives params,cache
     --population 4 --generations 2 --layers 2 --d-model 32 --context 64 --workers 1`). It resumes (extended by a generation), its stored config read
-    as written; and a new run of the same settings and seed evaluates exactly the rows the old one stored."""
-    from factory.search.config import from_target
-    from factory.search.run import read_run, resume_search, start_search
+    as written; and every row the old one stored survives the migration of its genomes."""
+    from factory.search.run import read_run, resume_search
 
     old = tmp_path / "old"
     shutil.copytree(FIXTURE, old)
@@ -188,11 +187,8 @@ def test_a_run_that_stored_the_target_by_name_resumes(tmp_path):
     assert resumed.target == config.target and resumed.generations == 3
     assert json.loads((old / "run.json").read_text())["config"]["target"]["name"] == "raspberry-pi-5"
     assert "board_data" not in json.loads((old / "run.json").read_text())  # nothing measured, nothing recorded
-    old_rows = _rows(FIXTURE / "search.db")
-    assert _rows(old / "search.db")[: len(old_rows)] == old_rows and len(_rows(old / "search.db")) > len(old_rows)
-
-    new = tmp_path / "new"
-    settings = {k: written[k] for k in ("objectives", "population", "generations", "n_layers", "d_model",
-                                        "context", "workers", "seed")}
-    start_search(from_target("raspberry-pi-5", None, settings), new)
-    assert _rows(new / "search.db") == old_rows
+    # Opening the old database migrates its schema-2 genomes to today's form and hashes (factory/search/store.py):
+    # every stored evaluation keeps its training config, generation, status, objectives and static metrics.
+    old_rows = [row[1:] for row in _rows(FIXTURE / "search.db")]
+    rows = [row[1:] for row in _rows(old / "search.db")]
+    assert rows[: len(old_rows)] == old_rows and len(rows) > len(old_rows)
